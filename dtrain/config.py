@@ -1,0 +1,301 @@
+"""Experiment configuration: dataclasses, presets, files and command-line overrides.
+
+Precedence, lowest first: the dataclass defaults (the ``small`` preset), the
+chosen preset, a TOML or JSON file, then ``--section.key=value`` options.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key and the fix."""
+
+
+def opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    width: int = opt(128, "transformer width (embedding size)")
+    layers: int = opt(4, "number of transformer blocks")
+    heads: int = opt(4, "attention heads per block; must divide width")
+    mlp_ratio: int = opt(4, "MLP hidden size as a multiple of width")
+    dropout: float = opt(0.0, "dropout probability, seeded per (seed, step, rank)")
+
+
+@dataclass
+class DataConfig:
+    dim: int = opt(2, "dimension D of each point")
+    points: int = opt(64, "points N per example")
+    min_components: int = opt(2, "fewest mixture components K per example")
+    max_components: int = opt(5, "most mixture components K per example")
+    box: float = opt(10.0, "component means are uniform in [-box, box]^D")
+    min_snr: float = opt(3.0, "lowest signal-to-noise ratio box/sigma (smaller: more overlap)")
+    max_snr: float = opt(10.0, "highest signal-to-noise ratio box/sigma")
+    weight_concentration: float = opt(1.0, "Dirichlet concentration of the mixture weights")
+    mode: str = opt("fixed", "fixed: the same train_samples examples every epoch; dynamic: fresh ones")
+    train_samples: int = opt(64_000, "examples per epoch")
+    val_samples: int = opt(512, "examples in the fixed validation set")
+    seed: int = opt(0, "seed of the training examples and their order")
+    val_seed: int = opt(1, "seed of the validation set")
+    record_indices: bool = opt(False, "append each rank's consumed sample indices to RUN/samples/")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = opt(0, "optimizer steps to run; 0 means run num_epochs epochs")
+    num_epochs: int = opt(1, "epochs to run when max_steps is 0")
+    global_batch_size: int = opt(64, "samples per optimizer step, whatever the world size")
+    micro_batch_size: int = opt(0, "samples per rank per forward pass; 0 means global/world (no accumulation)")
+    lr: float = opt(1e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of lr (linear, cosine)")
+    schedule: str = opt("cosine", "learning-rate schedule: constant, linear, cosine, step, warmup_decay")
+    warmup_fraction: float = opt(0.05, "fraction of the planned samples spent warming up linearly")
+    step_milestones: str = opt("0.5,0.75", "step schedule: progress fractions where lr is multiplied by step_gamma")
+    step_gamma: float = opt(0.1, "step schedule: factor applied at each milestone")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 disables")
+    eval_interval: int = opt(100, "validate every this many steps (and at the end); 0: only at the end")
+    eval_batch_size: int = opt(64, "validation examples per rank per forward pass")
+    log_interval: int = opt(10, "write a metrics line every this many steps")
+    seed: int = opt(0, "seed of the model initialisation and of dropout")
+    device: str = opt("auto", "auto (cuda when available), cpu or cuda")
+    precision: str = opt("auto", "auto (bf16 on cuda, fp32 on cpu), fp32 or bf16")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SCHEDULES = ("constant", "linear", "cosine", "step", "warmup_decay")
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset_name: str = "small"
+
+    @classmethod
+    def preset(cls, name: str) -> "ExperimentConfig":
+        """The named preset: tiny, small (the default), medium or large."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        config = cls(preset_name=name)
+        for section, entries in PRESETS[name].items():
+            for key, value in entries.items():
+                config.set(f"{section}.{key}", value, f"preset {name}")
+        return config
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "ExperimentConfig":
+        """A config from ``{"preset": NAME, "model": {...}, ...}``, e.g. a run's config.json."""
+        config = cls.preset(values.get("preset", "small"))
+        for section, entries in values.items():
+            if section == "preset":
+                continue
+            if section not in SECTIONS or not isinstance(entries, dict):
+                raise ConfigError(f"unknown section {section!r} in {source}; sections are "
+                                  f"{', '.join(SECTIONS)}")
+            for key, value in entries.items():
+                config.set(f"{section}.{key}", value, source)
+        return config
+
+    def set(self, dotted: str, value, source: str = "config") -> None:
+        section, _, key = dotted.partition(".")
+        target = getattr(self, section, None) if section in SECTIONS else None
+        names = [f.name for f in dataclasses.fields(SECTIONS[section])] if target else []
+        if key not in names:
+            raise ConfigError(f"unknown key {dotted!r} in {source}{_suggest(dotted, all_keys())}")
+        kind = type(getattr(SECTIONS[section](), key))
+        try:
+            setattr(target, key, _convert(kind, value))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{dotted}={value!r} in {source}: expected {kind.__name__}") from None
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset_name,
+                **{section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+PRESETS: dict[str, dict] = {
+    # Seconds on a CPU: the test-suite's model.
+    "tiny": {"model": {"width": 32, "layers": 2, "heads": 2},
+             "data": {"points": 16, "train_samples": 4096, "val_samples": 64},
+             "train": {"global_batch_size": 16, "max_steps": 50, "eval_interval": 25,
+                       "log_interval": 5, "eval_batch_size": 32}},
+    # The default run: a few minutes on a 2-core CPU.
+    "small": {},
+    # GPU sizes.
+    "medium": {"model": {"width": 512, "layers": 8, "heads": 8},
+               "data": {"points": 256, "train_samples": 1_000_000},
+               "train": {"global_batch_size": 256, "lr": 3e-4}},
+    "large": {"model": {"width": 1024, "layers": 24, "heads": 16},
+              "data": {"points": 512, "train_samples": 4_000_000},
+              "train": {"global_batch_size": 256, "lr": 2e-4}},
+}
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _suggest(key: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=1)
+    return f"; did you mean {close[0]!r}?" if close else "; run with --help for the list"
+
+
+def _convert(kind: type, value):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(value)
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    if kind is int and isinstance(value, str):
+        return int(float(value)) if "e" in value.lower() else int(value)  # 1e5 is an int
+    return kind(value)
+
+
+def load_file(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path!r} does not exist; pass an existing TOML or JSON file")
+    try:
+        if file.suffix == ".json":
+            return json.loads(file.read_text())
+        return tomllib.loads(file.read_text())
+    except (ValueError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"config file {path!r} is not valid {file.suffix or 'TOML'}: "
+                          f"{str(error).splitlines()[0]}") from None
+
+
+def validate(config: ExperimentConfig, world_size: int | None = None) -> None:
+    """Raise ``ConfigError`` for the first value that cannot work."""
+    m, d, t = config.model, config.data, config.train
+    positive = {"model.width": m.width, "model.layers": m.layers, "model.heads": m.heads,
+                "model.mlp_ratio": m.mlp_ratio, "data.dim": d.dim, "data.points": d.points,
+                "data.min_components": d.min_components, "data.train_samples": d.train_samples,
+                "data.val_samples": d.val_samples, "data.box": d.box, "data.min_snr": d.min_snr,
+                "data.weight_concentration": d.weight_concentration,
+                "train.global_batch_size": t.global_batch_size, "train.lr": t.lr,
+                "train.eval_batch_size": t.eval_batch_size, "train.log_interval": t.log_interval}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"--{key}={value} must be positive")
+    non_negative = {"train.max_steps": t.max_steps, "train.num_epochs": t.num_epochs,
+                    "train.micro_batch_size": t.micro_batch_size, "train.grad_clip": t.grad_clip,
+                    "train.weight_decay": t.weight_decay, "train.eval_interval": t.eval_interval,
+                    "model.dropout": m.dropout, "data.seed": d.seed, "data.val_seed": d.val_seed,
+                    "train.seed": t.seed}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"--{key}={value} must not be negative")
+    if t.max_steps == 0 and t.num_epochs == 0:
+        raise ConfigError("nothing to train: set --train.max_steps or --train.num_epochs above 0")
+    if m.width % m.heads:
+        raise ConfigError(f"--model.width={m.width} is not divisible by --model.heads={m.heads}; "
+                          "choose heads that divide the width")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"--model.dropout={m.dropout} must be in [0, 1)")
+    if d.max_components < d.min_components:
+        raise ConfigError(f"--data.max_components={d.max_components} is below "
+                          f"--data.min_components={d.min_components}; raise it")
+    if d.max_components > d.points:
+        raise ConfigError(f"--data.max_components={d.max_components} exceeds --data.points="
+                          f"{d.points}; use fewer components or more points")
+    if d.max_snr < d.min_snr:
+        raise ConfigError(f"--data.max_snr={d.max_snr} is below --data.min_snr={d.min_snr}; raise it")
+    if d.mode not in ("fixed", "dynamic"):
+        raise ConfigError(f"--data.mode={d.mode!r} is unknown; use fixed or dynamic")
+    if t.schedule not in SCHEDULES:
+        raise ConfigError(f"--train.schedule={t.schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
+    if not 0 <= t.warmup_fraction < 1:
+        raise ConfigError(f"--train.warmup_fraction={t.warmup_fraction} must be in [0, 1)")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"--train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    try:
+        milestones = [float(x) for x in t.step_milestones.split(",") if x.strip()]
+    except ValueError:
+        milestones = [-1.0]
+    if any(not 0 < x < 1 for x in milestones):
+        raise ConfigError(f"--train.step_milestones={t.step_milestones!r} must be comma-separated "
+                          "fractions between 0 and 1, e.g. 0.5,0.75")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--train.device={t.device!r} is unknown; use auto, cpu or cuda")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"--train.precision={t.precision!r} is unknown; use auto, fp32 or bf16")
+    if world_size is not None:
+        micro_batches(config, world_size)
+
+
+def micro_batches(config: ExperimentConfig, world_size: int) -> tuple[int, int]:
+    """(micro-batch size, accumulation steps) that make the global batch on ``world_size`` ranks."""
+    g, micro = config.train.global_batch_size, config.train.micro_batch_size
+    if g % world_size:
+        raise ConfigError(f"--train.global_batch_size={g} cannot be split over {world_size} ranks; "
+                          f"use a multiple of {world_size}")
+    per_rank = g // world_size
+    micro = micro or per_rank
+    if per_rank % micro:
+        raise ConfigError(f"--train.global_batch_size={g} on {world_size} ranks gives {per_rank} "
+                          f"samples per rank, not a multiple of --train.micro_batch_size={micro}; "
+                          f"use a global batch that is a multiple of {world_size * micro}")
+    return micro, per_rank // micro
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints the whole usage; one line is enough
+        self.exit(2, f"{self.prog}: error: {message}; run with --help for the options\n")
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog=prog, description=description, allow_abbrev=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help="starting configuration (default: small)")
+    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of [section] keys")
+    parser.add_argument("--run-dir", metavar="PATH_OR_URL", default="runs/default",
+                        help="where config, metrics, events and checkpoints go (default: runs/default)")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} options")
+        for f in dataclasses.fields(cls):
+            group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}",
+                               default=argparse.SUPPRESS, metavar=type(f.default).__name__.upper(),
+                               help=f"{f.metadata['help']} (default: {f.default})")
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, ExperimentConfig]:
+    """Parse the command line into the namespace and the resolved config."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        name = unknown[0].split("=")[0]
+        parser.exit(2, f"{parser.prog}: error: unknown option {name}"
+                       f"{_suggest(name.lstrip('-'), all_keys())}\n")
+    try:
+        values = load_file(args.config) if args.config else {}
+        if args.preset:
+            values["preset"] = args.preset
+        config = ExperimentConfig.from_dict(values, source=args.config or "config")
+        for key in all_keys():
+            if hasattr(args, key):
+                config.set(key, getattr(args, key), source="the command line")
+        validate(config)
+    except ConfigError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    return args, config

@@ -1,0 +1,78 @@
+"""Process-group setup and teardown: backend and device chosen from the hardware.
+
+Under torchrun the group comes from the environment (``env://``); run as a plain
+``python -m dtrain.train`` it is a one-rank group on an in-memory store, so the
+single-process path is the same FSDP2 code as the multi-rank one.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from .config import ConfigError
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    mesh: DeviceMesh
+    owns_group: bool  # we created the group, so we tear it down
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def choose_device(preference: str) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--train.device=cuda but no CUDA device is visible; use --train.device=cpu")
+    if preference == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device_preference: str = "auto", timeout_s: float = 600) -> DistContext:
+    device = choose_device(device_preference)
+    # nccl for the GPU collectives, gloo beside it for CPU work such as async checkpointing.
+    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
+                       device, backend, mesh, owns_group)
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Orderly teardown after success: a barrier first, so no gloo thread outlives Python.
+
+    (Destroying without the barrier lets a gloo worker free tensors during
+    interpreter shutdown, which aborts the process; see shared/DCP-NOTES.md.)
+    On a failure path do not call this: peers may be gone and a barrier would hang.
+    """
+    if ctx.owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def broadcast_from_main(ctx: DistContext, value):
+    """Rank 0's ``value`` on every rank (for decisions only rank 0 may take)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,47 @@
+"""Learning-rate schedules as functions of training progress, counted in samples.
+
+Progress is samples consumed, not steps, so a resume with a different global
+batch size stays on the same curve.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class LRSchedule:
+    kind: str  # constant, linear, cosine, step, warmup_decay
+    peak_lr: float
+    total_samples: int
+    warmup_samples: int = 0
+    min_lr_ratio: float = 0.0
+    milestones: tuple[float, ...] = ()  # step: progress fractions
+    gamma: float = 0.1  # step: factor at each milestone
+
+    @classmethod
+    def from_config(cls, train_cfg, total_samples: int) -> "LRSchedule":
+        milestones = tuple(float(x) for x in train_cfg.step_milestones.split(",") if x.strip())
+        return cls(train_cfg.schedule, train_cfg.lr, total_samples,
+                   round(train_cfg.warmup_fraction * total_samples), train_cfg.min_lr_ratio,
+                   milestones, train_cfg.step_gamma)
+
+    def __call__(self, samples: int) -> float:
+        """The learning rate of the step that brings progress to ``samples``."""
+        if samples < self.warmup_samples:
+            return self.peak_lr * samples / self.warmup_samples
+        if self.kind == "warmup_decay":  # inverse square root after the warmup
+            return self.peak_lr * math.sqrt(max(self.warmup_samples, 1) / max(samples, 1))
+        progress = min(samples, self.total_samples) / self.total_samples
+        decay = (min(samples, self.total_samples) - self.warmup_samples) / max(
+            self.total_samples - self.warmup_samples, 1)
+        floor = self.min_lr_ratio
+        if self.kind == "linear":
+            factor = 1.0 - (1.0 - floor) * decay
+        elif self.kind == "cosine":
+            factor = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * decay))
+        elif self.kind == "step":
+            factor = self.gamma ** sum(progress >= m for m in self.milestones)
+        else:
+            factor = 1.0
+        return self.peak_lr * factor

@@ -1,0 +1,198 @@
+"""The training loop: FSDP2 steps with accumulation, evaluation, metrics."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import ExperimentConfig, micro_batches
+from .data import VALIDATION_STREAM, make_examples, mixture_spec, train_streams
+from .dist import DistContext
+from .metrics import kmeans_centres, set_mean_centres, squared_error, wasserstein
+from .model import build_model, count_parameters
+from .parallel import resolve_precision, shard_model
+from .progress import Progress
+from .runlog import RunDirectory
+from .sampler import ElasticSampler, GlobalBatch
+from .schedule import LRSchedule
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Per-step randomness (dropout) derived from (seed, step, rank), never stored."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+class Trainer:
+    def __init__(self, config: ExperimentConfig, ctx: DistContext, run: RunDirectory):
+        self.config, self.ctx, self.run = config, ctx, run
+        train, data = config.train, config.data
+        self.micro_batch, self.accumulation = micro_batches(config, ctx.world_size)
+        self.precision = resolve_precision(train.precision, ctx.device)
+        torch.manual_seed(train.seed)  # identical initial weights on every rank
+        model = build_model(config.model, data.dim)
+        self.num_parameters = count_parameters(model)
+        self.model = shard_model(model, ctx.mesh, self.precision)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr,
+                                           weight_decay=train.weight_decay)
+        self.sampler = ElasticSampler(data.train_samples, data.seed, data.mode)
+        self.spec = mixture_spec(data)
+        self.step = 0
+        self.samples_seen = 0
+        planned = train.max_steps * train.global_batch_size if train.max_steps else (
+            train.num_epochs * data.train_samples)
+        self.schedule = LRSchedule.from_config(train, planned)
+        self._validation = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.step + math.ceil(
+            (self.schedule.total_samples - self.samples_seen) / self.config.train.global_batch_size)
+
+    @property
+    def finished(self) -> bool:
+        return self.samples_seen >= self.schedule.total_samples
+
+    def _examples(self, batch: GlobalBatch) -> dict[str, torch.Tensor]:
+        streams = train_streams(self.config.data.mode, batch.epochs)
+        return make_examples(self.spec, self.config.data.seed, streams, batch.indices)
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over the next global batch; returns this rank's loss sum."""
+        ctx, train = self.ctx, self.config.train
+        global_batch = self.sampler.take(train.global_batch_size)
+        mine = global_batch.shard(ctx.rank, ctx.world_size)
+        if self.config.data.record_indices:
+            self.run.append_jsonl(f"samples/rank_{ctx.rank}.jsonl", {
+                "step": self.step, "world_size": ctx.world_size, "epochs": mine.epochs.tolist(),
+                "positions": mine.positions.tolist(), "indices": mine.indices.tolist()})
+        lr = self.schedule(self.samples_seen + train.global_batch_size)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(step_seed(train.seed, self.step, ctx.rank))
+        self.model.train()
+        loss_sum = torch.zeros((), device=ctx.device)
+        for i, micro in enumerate(mine.split(self.accumulation)):
+            # Reduce-scatter gradients once per step, on the last micro-batch.
+            self.model.set_requires_gradient_sync(i == self.accumulation - 1)
+            examples = self._examples(micro)
+            predicted = self.model(examples["points"].to(ctx.device))
+            per_example = squared_error(predicted, examples["targets"].to(ctx.device))
+            # FSDP averages over ranks; dividing by the rank's share makes it a global-batch mean.
+            (per_example.sum() / len(mine)).backward()
+            loss_sum += per_example.detach().sum()
+        if train.grad_clip:
+            params = list(self.model.parameters())
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            torch.nn.utils.clip_grads_with_norm_(params, train.grad_clip, norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.samples_seen += train.global_batch_size
+        return loss_sum
+
+    def _validation_shard(self):
+        """This rank's slice of the validation set, padded to equal length across ranks.
+
+        Every rank must run the same number of forward passes (FSDP gathers
+        parameters collectively), so short slices repeat an example with weight 0.
+        The k-means baseline of the slice is computed once, here.
+        """
+        if self._validation is None:
+            data, ctx = self.config.data, self.ctx
+            mine = np.array_split(np.arange(data.val_samples), ctx.world_size)[ctx.rank]
+            length = math.ceil(data.val_samples / ctx.world_size)
+            padded = np.concatenate([mine, np.full(length - len(mine), mine[0] if len(mine) else 0)])
+            weight = np.r_[np.ones(len(mine)), np.zeros(length - len(mine))]
+            examples = make_examples(self.spec, data.val_seed, VALIDATION_STREAM, padded)
+            real = slice(0, len(mine))
+            points, targets = examples["points"][real], examples["targets"][real]
+            kmeans = kmeans_centres(points, examples["num_components"][real], seeds=mine)
+            baselines = [squared_error(set_mean_centres(points), targets).sum().item(),
+                         squared_error(torch.from_numpy(kmeans), targets).sum().item(),
+                         wasserstein(kmeans, targets.numpy()).sum()]
+            self._validation = examples, torch.from_numpy(weight), baselines
+        return self._validation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        examples, weight, baselines = self._validation_shard()
+        self.model.eval()
+        batch = self.config.train.eval_batch_size
+        mse_sum, w2_sum = 0.0, 0.0
+        for start in range(0, len(weight), batch):
+            part = slice(start, start + batch)
+            predicted = self.model(examples["points"][part].to(self.ctx.device)).cpu()
+            targets = examples["targets"][part]
+            mse_sum += (squared_error(predicted, targets) * weight[part]).sum().item()
+            w2_sum += (wasserstein(predicted.numpy(), targets.numpy()) * weight[part].numpy()).sum()
+        totals = torch.tensor([mse_sum, w2_sum, *baselines], dtype=torch.float64)
+        dist.all_reduce(totals)  # gloo or the CPU side of the cuda group
+        mse, w2, trivial, kmeans_mse, kmeans_w2 = (totals / self.config.data.val_samples).tolist()
+        return {"val_mse": mse, "val_wasserstein": w2, "trivial_mse": trivial,
+                "kmeans_mse": kmeans_mse, "kmeans_wasserstein": kmeans_w2}
+
+    def _parameters_per_rank(self) -> list[int]:
+        local = sum(p.to_local().numel() for p in self.model.parameters())
+        counts = [None] * self.ctx.world_size
+        dist.all_gather_object(counts, local)
+        return counts
+
+    def _log(self, kind: str, record: dict) -> None:
+        if self.ctx.is_main:
+            self.run.append_jsonl("metrics.jsonl", {"kind": kind, **record})
+
+    def fit(self) -> dict:
+        """Train to the planned end; returns the last validation metrics."""
+        ctx, train = self.ctx, self.config.train
+        per_rank = self._parameters_per_rank()
+        if ctx.is_main:
+            self.run.event("start", step=self.step, samples_seen=self.samples_seen,
+                           world_size=ctx.world_size, global_batch_size=train.global_batch_size,
+                           micro_batch_size=self.micro_batch, accumulation=self.accumulation,
+                           device=str(ctx.device), backend=ctx.backend, precision=self.precision,
+                           parameters=self.num_parameters, parameters_per_rank=per_rank,
+                           torch=torch.__version__)
+        progress = Progress(self.total_steps, self.step, ctx.is_main)
+        progress.message(f"training {self.num_parameters:,} parameters on {ctx.world_size} "
+                         f"rank(s) ({ctx.device.type}, {self.precision}), global batch "
+                         f"{train.global_batch_size} = {ctx.world_size} x {self.micro_batch} x "
+                         f"{self.accumulation}, {self.total_steps} steps, run {self.run.url}")
+        metrics = self._evaluate_and_log(progress)
+        window_loss = torch.zeros((), device=ctx.device)
+        window_steps, window_start = 0, time.perf_counter()
+        while not self.finished:
+            window_loss += self.train_step()
+            window_steps += 1
+            record = None
+            if self.step % train.log_interval == 0 or self.finished:
+                dist.all_reduce(window_loss)
+                elapsed = time.perf_counter() - window_start
+                record = {"step": self.step, "epoch": self.sampler.epoch,
+                          "samples_seen": self.samples_seen,
+                          "loss": window_loss.item() / (window_steps * train.global_batch_size),
+                          "lr": self.optimizer.param_groups[0]["lr"],
+                          "samples_per_s": window_steps * train.global_batch_size / elapsed}
+                self._log("train", record)
+                window_loss.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            progress.step(record)
+            if (train.eval_interval and self.step % train.eval_interval == 0) or self.finished:
+                metrics = self._evaluate_and_log(progress)
+                window_start = time.perf_counter()  # keep evaluation out of the throughput
+        progress.close()
+        if ctx.is_main:
+            self.run.event("end", step=self.step, samples_seen=self.samples_seen, **metrics)
+        return metrics
+
+    def _evaluate_and_log(self, progress: Progress) -> dict:
+        metrics = self.evaluate()
+        self._log("eval", {"step": self.step, "samples_seen": self.samples_seen, **metrics})
+        progress.message(f"step {self.step}: val mse {metrics['val_mse']:.4f} "
+                         f"(k-means {metrics['kmeans_mse']:.4f}, set mean {metrics['trivial_mse']:.4f}), "
+                         f"wasserstein {metrics['val_wasserstein']:.4f} "
+                         f"(k-means {metrics['kmeans_wasserstein']:.4f})")
+        return metrics
