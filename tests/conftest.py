@@ -1,0 +1,32 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+
+
+def read_jsonl(path) -> list[dict]:
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def launch(args, nproc: int | None = None, timeout: float = 300, env: dict | None = None):
+    """Run ``python -m dtrain.train`` (nproc None) or real ``torchrun --nproc_per_node=nproc``."""
+    if nproc is None:
+        command = [sys.executable, "-m", "dtrain.train", *args]
+    else:
+        command = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "dtrain.train", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def tiny_args():
+    """A few seconds of training on the tiny preset."""
+    return ["--preset", "tiny", "--train.max_steps=6", "--train.log_interval=1",
+            "--train.eval_interval=0"]
