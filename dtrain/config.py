@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import hashlib
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -71,7 +72,22 @@ class TrainConfig:
     precision: str = opt("auto", "auto (bf16 on cuda, fp32 on cpu), fp32 or bf16")
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+@dataclass
+class CheckpointConfig:
+    interval_steps: int = opt(100, "save every this many steps; 0 disables")
+    interval_epochs: int = opt(0, "save at every this many completed epochs; 0 disables")
+    interval_seconds: float = opt(0.0, "save once this many seconds passed since the last save "
+                                        "(rank 0's clock, agreed by all ranks); 0 disables")
+    keep_last: int = opt(3, "keep this many newest committed checkpoints, plus best and keep_every; 0 keeps all")
+    keep_every: int = opt(0, "also keep checkpoints whose step is a multiple of this; 0 disables")
+    async_save: bool = opt(False, "write interval saves in the background (final saves stay synchronous)")
+    verify: bool = opt(True, "check every file's SHA-256 before loading (sizes are always checked)")
+    save_best: bool = opt(True, "save when validation MSE reaches a new best (tagged best)")
+    endpoint_url: str = opt("", "S3 endpoint URL; empty: AWS_ENDPOINT_URL and the usual AWS configuration")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+            "checkpoint": CheckpointConfig}
 SCHEDULES = ("constant", "linear", "cosine", "step", "warmup_decay")
 
 
@@ -80,6 +96,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preset_name: str = "small"
 
     @classmethod
@@ -125,6 +142,9 @@ class ExperimentConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
 
 PRESETS: dict[str, dict] = {
@@ -201,7 +221,9 @@ def validate(config: ExperimentConfig, world_size: int | None = None) -> None:
                     "train.micro_batch_size": t.micro_batch_size, "train.grad_clip": t.grad_clip,
                     "train.weight_decay": t.weight_decay, "train.eval_interval": t.eval_interval,
                     "model.dropout": m.dropout, "data.seed": d.seed, "data.val_seed": d.val_seed,
-                    "train.seed": t.seed}
+                    "train.seed": t.seed, **{f"checkpoint.{k}": v for k, v in
+                                             dataclasses.asdict(config.checkpoint).items()
+                                             if isinstance(v, (int, float)) and not isinstance(v, bool)}}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"--{key}={value} must not be negative")
@@ -271,6 +293,10 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of [section] keys")
     parser.add_argument("--run-dir", metavar="PATH_OR_URL", default="runs/default",
                         help="where config, metrics, events and checkpoints go (default: runs/default)")
+    parser.add_argument("--resume", default="latest", metavar="latest|best|STEP|never",
+                        help="in a run directory that holds a run, continue from the newest committed "
+                             "checkpoint (latest), the best one, a step, or refuse (never) "
+                             "(default: latest)")
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} options")
         for f in dataclasses.fields(cls):
@@ -280,22 +306,55 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, ExperimentConfig]:
-    """Parse the command line into the namespace and the resolved config."""
+@dataclass
+class Settings:
+    """What the user asked for: a preset and explicit values, applied over a base config.
+
+    A new run applies them over the preset; a resumed run over its stored config.
+    """
+
+    preset: str | None = None
+    values: dict = field(default_factory=dict)  # "section.key" -> value, file then command line
+    sources: dict = field(default_factory=dict)  # "section.key" -> where it came from
+
+    def apply(self, config: ExperimentConfig) -> ExperimentConfig:
+        for key, value in self.values.items():
+            config.set(key, value, self.sources[key])
+        return config
+
+    def resolve(self) -> ExperimentConfig:
+        return self.apply(ExperimentConfig.preset(self.preset or "small"))
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, Settings]:
+    """Parse the command line into the namespace and the user's settings (checked)."""
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         name = unknown[0].split("=")[0]
         parser.exit(2, f"{parser.prog}: error: unknown option {name}"
                        f"{_suggest(name.lstrip('-'), all_keys())}\n")
     try:
-        values = load_file(args.config) if args.config else {}
-        if args.preset:
-            values["preset"] = args.preset
-        config = ExperimentConfig.from_dict(values, source=args.config or "config")
+        settings = Settings()
+        if args.config:
+            file = load_file(args.config)
+            settings.preset = file.get("preset")
+            for section, entries in file.items():
+                if section == "preset":
+                    continue
+                if section not in SECTIONS or not isinstance(entries, dict):
+                    raise ConfigError(f"unknown section {section!r} in {args.config}; sections are "
+                                      f"{', '.join(SECTIONS)}")
+                for key, value in entries.items():
+                    settings.values[f"{section}.{key}"] = value
+                    settings.sources[f"{section}.{key}"] = args.config
+        settings.preset = args.preset or settings.preset
         for key in all_keys():
             if hasattr(args, key):
-                config.set(key, getattr(args, key), source="the command line")
-        validate(config)
+                settings.values[key] = getattr(args, key)
+                settings.sources[key] = "the command line"
+        validate(settings.resolve())
+        if args.resume not in ("latest", "best", "never") and not args.resume.isdigit():
+            raise ConfigError(f"--resume={args.resume!r} is not latest, best, never or a step number")
     except ConfigError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    return args, config
+    return args, settings

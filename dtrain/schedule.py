@@ -5,6 +5,7 @@ batch size stays on the same curve.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -25,6 +26,13 @@ class LRSchedule:
         return cls(train_cfg.schedule, train_cfg.lr, total_samples,
                    round(train_cfg.warmup_fraction * total_samples), train_cfg.min_lr_ratio,
                    milestones, train_cfg.step_gamma)
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, tuple(value) if key == "milestones" else value)
 
     def __call__(self, samples: int) -> float:
         """The learning rate of the step that brings progress to ``samples``."""

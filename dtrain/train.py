@@ -1,50 +1,105 @@
-"""``python -m dtrain.train`` / ``torchrun ... -m dtrain.train``: train one run.
+"""``python -m dtrain.train`` / ``torchrun ... -m dtrain.train``: train or continue one run.
 
-Exit codes: 0 done, 1 crashed, 2 bad configuration (nothing written).
+Pointed at a run directory that already holds a run, it continues from the
+newest committed checkpoint, with the run's stored configuration plus whatever
+the command line changes. Exit codes: 0 done (or already finished), 1 crashed,
+2 bad configuration or no usable checkpoint (nothing written).
 """
 from __future__ import annotations
 
+import copy
+import json
 import os
 import sys
 import traceback
 
-from .config import ConfigError, ExperimentConfig, build_parser, parse_args, validate
+from .checkpoint import CheckpointError
+from .config import ConfigError, ExperimentConfig, Settings, all_keys, build_parser, parse_args, validate
 from .dist import broadcast_from_main, init_distributed, shutdown
 from .runlog import RunDirectory
 from .trainer import Trainer
 
 DESCRIPTION = """Train a cluster-prediction transformer on Gaussian mixtures with FSDP2.
 
-Options are --preset, --config FILE, --run-dir, and any --SECTION.KEY=VALUE below
-(precedence: preset < config file < command line).
+Options are --preset, --config FILE, --run-dir, --resume, and any --SECTION.KEY=VALUE
+below (precedence: preset < config file < command line). In a run directory that
+already holds a run, training continues from its newest committed checkpoint with
+the run's stored configuration, changed only by the options given.
 Run under torchrun for several ranks: torchrun --nproc_per_node=N -m dtrain.train ..."""
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG = 0, 1, 2
+# Keys a checkpoint cannot follow: they change the shapes of the saved tensors.
+SHAPE_KEYS = ("model.width", "model.layers", "model.heads", "model.mlp_ratio", "data.dim")
 
 
-def prepare_run_directory(run: RunDirectory, config: ExperimentConfig) -> str | None:
-    """Write config.json for a new run; return why the directory can't be used, if so."""
-    if run.exists("config.json"):
-        return (f"run directory {run.url} already holds a run (config.json); "
-                "pass a new --run-dir to start another")
-    run.write_text("config.json", config.to_json() + "\n")
-    return None
+def plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: int) -> dict:
+    """Rank 0: the config of this start and what it changes, or the problem (one line).
 
-
-def train(config: ExperimentConfig, run_dir: str, prog: str = "dtrain") -> int:
-    """Train ``config`` into ``run_dir`` on this process's group; returns an exit code."""
-    ctx = init_distributed(config.train.device)
+    Nothing is written unless the config is valid for this world size.
+    """
     try:
-        validate(config, ctx.world_size)
+        return _plan_run(run, settings, resume, world_size)
+    except ConfigError as error:
+        return {"problem": str(error)}
+
+
+def _plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: int) -> dict:
+    if not run.exists("config.json"):
+        if resume not in ("latest", "never"):
+            return {"problem": f"--resume={resume}: {run.url} holds no run to resume; "
+                               "drop --resume to start one there"}
+        config = settings.resolve()
+        validate(config, world_size)
+        run.write_text("config.json", config.to_json() + "\n")
+        return {"config": config.to_dict(), "changed": {}}
+    if resume == "never":
+        return {"problem": f"run directory {run.url} already holds a run; pass a new --run-dir, "
+                           "or drop --resume=never to continue it"}
+    stored = ExperimentConfig.from_dict(json.loads(run.read_text("config.json")), source="config.json")
+    if settings.preset and settings.preset != stored.preset_name:
+        return {"problem": f"--preset {settings.preset} differs from the run's preset "
+                           f"{stored.preset_name}; omit --preset to continue the run, or pass a new --run-dir"}
+    config = settings.apply(copy.deepcopy(stored))
+    old, new = stored.to_dict(), config.to_dict()
+    changed = {}
+    for key in all_keys():
+        section, name = key.split(".")
+        if old[section][name] != new[section][name]:
+            changed[key] = [old[section][name], new[section][name]]
+    for key in SHAPE_KEYS:
+        if key in changed:
+            return {"problem": f"--{key}={changed[key][1]} differs from the run's {changed[key][0]}: "
+                               "a checkpoint cannot change the model's shape; pass a new --run-dir"}
+    validate(config, world_size)
+    return {"config": new, "changed": changed}
+
+
+def train(settings: Settings, run_dir: str, resume: str = "latest", prog: str = "dtrain") -> int:
+    """Train (or continue) ``run_dir`` on this process's group; returns an exit code."""
+    ctx = init_distributed(settings.resolve().train.device)
+    try:
         run = RunDirectory(run_dir)
-        problem = prepare_run_directory(run, config) if ctx.is_main else None
-        problem = broadcast_from_main(ctx, problem)
-        if problem:
-            raise ConfigError(problem)
-        Trainer(config, ctx, run).fit()
-    except ConfigError as error:  # every rank reaches the same verdict, so all can stop in order
+        plan = broadcast_from_main(ctx, plan_run(run, settings, resume, ctx.world_size) if ctx.is_main else None)
+        if "problem" in plan:
+            raise ConfigError(plan["problem"])
+        config = ExperimentConfig.from_dict(plan["config"])
+        trainer = Trainer(config, ctx, run)
+        manifest = trainer.restore("latest" if resume == "never" else resume)
+        if manifest is not None and ctx.is_main:
+            print(f"{prog}: resuming from {manifest.directory} (step {manifest.step}, saved on "
+                  f"{manifest.world_size} ranks) on {ctx.world_size} ranks", flush=True)
+            if plan["changed"]:
+                run.event("config_changed", step=trainer.step, changed=plan["changed"])
+        if trainer.finished:
+            if ctx.is_main:
+                print(f"{prog}: run {run.url} already finished at step {trainer.step} "
+                      f"({trainer.samples_seen} samples); nothing to do", flush=True)
+        else:
+            trainer.fit()
+    except (ConfigError, CheckpointError) as error:
+        # Every rank reaches the same verdict (decided on rank 0 or collectively): stop in order.
         if ctx.is_main:
-            print(f"{prog}: error: {error}", file=sys.stderr)
+            print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
         shutdown(ctx)
         return EXIT_CONFIG
     except BaseException:
@@ -59,9 +114,9 @@ def train(config: ExperimentConfig, run_dir: str, prog: str = "dtrain") -> int:
 
 def main(argv=None, prog: str = "python -m dtrain.train") -> int:
     parser = build_parser(prog, DESCRIPTION)
-    args, config = parse_args(parser, argv)
+    args, settings = parse_args(parser, argv)
     try:
-        return train(config, args.run_dir, prog)
+        return train(settings, args.run_dir, args.resume, prog)
     except ConfigError as error:  # raised before a process group exists
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_CONFIG

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .checkpoint import CheckpointManager, Manifest, TrainingState
 from .config import ExperimentConfig, micro_batches
 from .data import VALIDATION_STREAM, make_examples, mixture_spec, train_streams
 from .dist import DistContext
@@ -41,19 +42,60 @@ class Trainer:
         self.spec = mixture_spec(data)
         self.step = 0
         self.samples_seen = 0
-        planned = train.max_steps * train.global_batch_size if train.max_steps else (
+        self.planned_samples = train.max_steps * train.global_batch_size if train.max_steps else (
             train.num_epochs * data.train_samples)
-        self.schedule = LRSchedule.from_config(train, planned)
+        self.schedule = LRSchedule.from_config(train, self.planned_samples)
+        self.best = {"val_mse": math.inf, "step": -1}
+        self.metrics: dict = {}  # the latest validation metrics
         self._validation = None
+        ck = config.checkpoint
+        self.checkpoints = CheckpointManager(
+            f"{run.url}/checkpoints", ctx, keep_last=ck.keep_last, keep_every=ck.keep_every,
+            async_save=ck.async_save, verify=ck.verify, endpoint_url=ck.endpoint_url,
+            events=run.event if ctx.is_main else None)
 
     @property
     def total_steps(self) -> int:
         return self.step + math.ceil(
-            (self.schedule.total_samples - self.samples_seen) / self.config.train.global_batch_size)
+            max(self.planned_samples - self.samples_seen, 0) / self.config.train.global_batch_size)
 
     @property
     def finished(self) -> bool:
-        return self.samples_seen >= self.schedule.total_samples
+        return self.samples_seen >= self.planned_samples
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def state(self) -> dict:
+        return {TrainingState.KEY: TrainingState(self)}
+
+    def restore(self, which: str = "latest") -> Manifest | None:
+        """Load the newest sound committed checkpoint for ``which``; None if there is none."""
+        manifest = self.checkpoints.load(self.state(), which)
+        if manifest is not None:
+            self.metrics = dict(manifest.metrics)
+        return manifest
+
+    def save(self, tags: list[str], blocking: bool) -> None:
+        info = {"progress": {"step": self.step, "samples_seen": self.samples_seen,
+                             "epoch": self.sampler.epoch, "samples_in_epoch": self.sampler.samples_in_epoch},
+                "world_size": self.ctx.world_size,
+                "global_batch_size": self.config.train.global_batch_size,
+                "micro_batch_size": self.micro_batch,
+                "config_fingerprint": self.config.fingerprint(),
+                "metrics": self.metrics}
+        self.checkpoints.save(self.state(), self.step, tags, info, blocking=blocking)
+
+    def _save_reasons(self, epoch_before: int, last_save: float) -> bool:
+        """Whether an interval (steps, epochs or seconds) asks for a save after this step."""
+        ck = self.config.checkpoint
+        due = bool(ck.interval_steps and self.step % ck.interval_steps == 0)
+        due |= bool(ck.interval_epochs and
+                    self.sampler.epoch // ck.interval_epochs > epoch_before // ck.interval_epochs)
+        if ck.interval_seconds:
+            # Rank 0's clock decides for everyone: ranks must never disagree about a save.
+            flag = torch.tensor([int(self.ctx.is_main and time.monotonic() - last_save >= ck.interval_seconds)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            due |= bool(flag.item())
+        return due
 
     def _examples(self, batch: GlobalBatch) -> dict[str, torch.Tensor]:
         streams = train_streams(self.config.data.mode, batch.epochs)
@@ -146,11 +188,11 @@ class Trainer:
             self.run.append_jsonl("metrics.jsonl", {"kind": kind, **record})
 
     def fit(self) -> dict:
-        """Train to the planned end; returns the last validation metrics."""
+        """Train to the planned end, saving on the way; returns the last validation metrics."""
         ctx, train = self.ctx, self.config.train
         per_rank = self._parameters_per_rank()
         if ctx.is_main:
-            self.run.event("start", step=self.step, samples_seen=self.samples_seen,
+            self.run.event("start" if self.step == 0 else "resume", step=self.step, samples_seen=self.samples_seen,
                            world_size=ctx.world_size, global_batch_size=train.global_batch_size,
                            micro_batch_size=self.micro_batch, accumulation=self.accumulation,
                            device=str(ctx.device), backend=ctx.backend, precision=self.precision,
@@ -161,12 +203,17 @@ class Trainer:
                          f"rank(s) ({ctx.device.type}, {self.precision}), global batch "
                          f"{train.global_batch_size} = {ctx.world_size} x {self.micro_batch} x "
                          f"{self.accumulation}, {self.total_steps} steps, run {self.run.url}")
-        metrics = self._evaluate_and_log(progress)
+        if self.step == 0:
+            self._evaluate_and_log(progress)
         window_loss = torch.zeros((), device=ctx.device)
         window_steps, window_start = 0, time.perf_counter()
+        last_save = time.monotonic()
+        tags: list[str] = []
         while not self.finished:
+            epoch_before = self.sampler.epoch
             window_loss += self.train_step()
             window_steps += 1
+            self.checkpoints.poll()
             record = None
             if self.step % train.log_interval == 0 or self.finished:
                 dist.all_reduce(window_loss)
@@ -180,19 +227,31 @@ class Trainer:
                 window_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()
             progress.step(record)
+            tags = []
             if (train.eval_interval and self.step % train.eval_interval == 0) or self.finished:
-                metrics = self._evaluate_and_log(progress)
-                window_start = time.perf_counter()  # keep evaluation out of the throughput
+                tags += self._evaluate_and_log(progress)
+            if self.finished:
+                break
+            if tags or self._save_reasons(epoch_before, last_save):
+                self.save(tags, blocking=False)
+                last_save = time.monotonic()
+            window_start = time.perf_counter()  # keep evaluation and saving out of the throughput
         progress.close()
+        self.save(tags + ["final"], blocking=True)
+        self.checkpoints.close()
         if ctx.is_main:
-            self.run.event("end", step=self.step, samples_seen=self.samples_seen, **metrics)
-        return metrics
+            self.run.event("end", step=self.step, samples_seen=self.samples_seen, **self.metrics)
+        return self.metrics
 
-    def _evaluate_and_log(self, progress: Progress) -> dict:
-        metrics = self.evaluate()
+    def _evaluate_and_log(self, progress: Progress) -> list[str]:
+        """Validate, log, and return ["best"] when this is a new best worth saving."""
+        self.metrics = metrics = self.evaluate()
         self._log("eval", {"step": self.step, "samples_seen": self.samples_seen, **metrics})
         progress.message(f"step {self.step}: val mse {metrics['val_mse']:.4f} "
                          f"(k-means {metrics['kmeans_mse']:.4f}, set mean {metrics['trivial_mse']:.4f}), "
                          f"wasserstein {metrics['val_wasserstein']:.4f} "
                          f"(k-means {metrics['kmeans_wasserstein']:.4f})")
-        return metrics
+        if self.step == 0 or metrics["val_mse"] >= self.best["val_mse"]:
+            return []
+        self.best = {"val_mse": metrics["val_mse"], "step": self.step}
+        return ["best"] if self.config.checkpoint.save_best else []

@@ -27,8 +27,9 @@ def test_precedence_preset_then_file_then_command_line(tmp_path):
     from dtrain.config import build_parser, parse_args
     file = tmp_path / "c.toml"
     file.write_text('[train]\nlr = 0.5\nmax_steps = 7\n[model]\nlayers = 3\n')
-    _, config = parse_args(build_parser("t", ""), ["--preset", "tiny", "--config", str(file),
-                                                   "--train.max_steps=9", "--data.mode", "dynamic"])
+    _, settings = parse_args(build_parser("t", ""), ["--preset", "tiny", "--config", str(file),
+                                                     "--train.max_steps=9", "--data.mode", "dynamic"])
+    config = settings.resolve()
     assert config.preset_name == "tiny" and config.model.width == 32  # from the preset
     assert config.model.layers == 3 and config.train.lr == 0.5  # from the file
     assert config.train.max_steps == 9 and config.data.mode == "dynamic"  # command line wins

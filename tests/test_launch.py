@@ -67,16 +67,30 @@ def test_run_directory_holds_config_metrics_and_events(runs):
     train = [r for r in metrics if r["kind"] == "train"]
     assert {"step", "epoch", "samples_seen", "loss", "lr", "samples_per_s"} <= set(train[0])
     assert [r["step"] for r in metrics if r["kind"] == "eval"] == [0, 3, 6]
-    assert [e["event"] for e in read_jsonl(run_dir / "events.jsonl")] == ["start", "end"]
+    events = [e["event"] for e in read_jsonl(run_dir / "events.jsonl")]
+    assert events[0] == "start" and events[-2:] == ["checkpoint", "end"]
 
 
-def test_an_existing_run_is_never_overwritten(runs):
+def files_of(run_dir):
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_a_finished_run_says_so_and_changes_nothing(runs):
     run_dir = runs[1]
-    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    before = files_of(run_dir)
     result = launch(["--preset", "tiny", "--run-dir", str(run_dir)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "already finished at step 6" in result.stdout
+    assert before == files_of(run_dir)
+
+
+def test_resume_never_refuses_an_existing_run(runs):
+    run_dir = runs[1]
+    before = files_of(run_dir)
+    result = launch(["--run-dir", str(run_dir), "--resume", "never"])
     assert result.returncode == 2
     assert "already holds a run" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert before == {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert before == files_of(run_dir)
 
 
 def test_a_batch_the_world_size_cannot_make_is_refused_before_anything_is_written(tmp_path):

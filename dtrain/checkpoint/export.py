@@ -1,0 +1,121 @@
+"""Checkpoints for inference: consolidate shards in one process, export, load any format.
+
+No process group is needed: DCP reads every shard of the requested tensors into
+full-size tensors of a plain (unsharded) model, whatever world size wrote them.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict
+
+from ..config import ExperimentConfig
+from ..model import ClusterTransformer, build_model
+from ..runlog import RunDirectory
+from .catalog import CheckpointCatalog
+from .manifest import Manifest, find_problems
+from .state import TrainingState
+from .storage import reader
+
+EXPORT_FORMAT = "dtrain-model"
+
+
+def run_config(run_url: str) -> ExperimentConfig:
+    run = RunDirectory(run_url)
+    if not run.exists("config.json"):
+        raise FileNotFoundError(f"{run_url} is not a dtrain run directory (no config.json)")
+    return ExperimentConfig.from_dict(json.loads(run.read_text("config.json")), source="config.json")
+
+
+def choose_checkpoint(catalog: CheckpointCatalog, which: str = "latest", verify: bool = True,
+                      report=print) -> Manifest:
+    """The newest sound committed checkpoint for ``which``; corrupt ones are reported and skipped."""
+    for manifest in catalog.candidates(which):
+        problems = find_problems(catalog.fs, catalog.directory(manifest.directory), manifest,
+                                 checksums=verify)
+        if not problems:
+            return manifest
+        report(f"dtrain: skipping {manifest.directory}: {'; '.join(problems)}")
+    raise FileNotFoundError(f"no sound committed checkpoint for {which!r} in {catalog.url}")
+
+
+def load_from_run(run_url: str, which: str = "latest", optimizer: bool = False, endpoint_url: str = "",
+                  verify: bool = True):
+    """``(model, optimizer state dict or None, manifest, config)`` consolidated from a run's checkpoint."""
+    config = run_config(run_url)
+    catalog = CheckpointCatalog(f"{run_url.rstrip('/')}/checkpoints", endpoint_url)
+    manifest = choose_checkpoint(catalog, which, verify)
+    model = build_model(config.model, config.data.dim)
+    wanted = {"model": model.state_dict()}
+    optim = None
+    if optimizer:
+        optim = torch.optim.AdamW(model.parameters(), lr=config.train.lr,
+                                  weight_decay=config.train.weight_decay)
+        _, wanted["optimizer"] = get_state_dict(model, optim)  # creates AdamW's state to fill
+    # Only the requested keys are read; the rest of the checkpoint stays on storage.
+    state = {TrainingState.KEY: wanted}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=reader(f"{catalog.url}/{manifest.directory}", endpoint_url),
+                 no_dist=True)
+    model.load_state_dict(state[TrainingState.KEY]["model"])
+    return model.eval(), state[TrainingState.KEY].get("optimizer"), manifest, config
+
+
+def export(run_url: str, out: str, which: str = "latest", fmt: str = "pt", separate: bool = False,
+           endpoint_url: str = "") -> list[Path]:
+    """Write a consolidated model (``.pt`` or ``.safetensors``), or model.pt + optimizer.pt in ``out``."""
+    model, optim, manifest, config = load_from_run(run_url, which, optimizer=separate,
+                                                   endpoint_url=endpoint_url)
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    header = {"format": EXPORT_FORMAT, "version": 1, "config": config.to_dict(), "step": manifest.step,
+              "checkpoint": manifest.directory}
+    if separate:
+        directory = Path(out)
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({**header, "model": weights}, directory / "model.pt")
+        torch.save({**header, "optimizer": optim}, directory / "optimizer.pt")
+        return [directory / "model.pt", directory / "optimizer.pt"]
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        save_file(weights, str(path), metadata={"format": EXPORT_FORMAT, "config": json.dumps(header["config"]),
+                                                "step": str(manifest.step)})
+    else:
+        torch.save({**header, "model": weights}, path)
+    return [path]
+
+
+def load_model(source: str, which: str = "latest", config: ExperimentConfig | None = None,
+               endpoint_url: str = "") -> tuple[ClusterTransformer, ExperimentConfig]:
+    """A model for inference from a run directory, an export, or a plain ``torch.save`` file.
+
+    A plain file may hold the model's state dict itself, or a dict with it under
+    ``model`` / ``model_state_dict``; such files do not record the architecture,
+    so ``config`` must be given for them.
+    """
+    if "://" in source or Path(source, "config.json").exists():
+        model, _, _, run_cfg = load_from_run(source, which, endpoint_url=endpoint_url)
+        return model, run_cfg
+    if source.endswith(".safetensors"):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        with safe_open(source, "pt") as f:
+            config = ExperimentConfig.from_dict(json.loads(f.metadata()["config"]))
+        weights = load_file(source)
+    else:
+        blob = torch.load(source, map_location="cpu", weights_only=True)
+        if blob.get("format") == EXPORT_FORMAT:
+            config = ExperimentConfig.from_dict(blob["config"])
+        weights = blob.get("model", blob.get("model_state_dict", blob))
+        if config is None:
+            raise ValueError(f"{source} is a plain state dict without the model's configuration; "
+                             "pass config=ExperimentConfig.preset(...) matching it")
+    model = build_model(config.model, config.data.dim)
+    model.load_state_dict(weights)
+    return model.eval(), config
