@@ -42,8 +42,6 @@ class Trainer:
         self.spec = mixture_spec(data)
         self.step = 0
         self.samples_seen = 0
-        self.planned_samples = train.max_steps * train.global_batch_size if train.max_steps else (
-            train.num_epochs * data.train_samples)
         self.schedule = LRSchedule.from_config(train, self.planned_samples)
         self.best = {"val_mse": math.inf, "step": -1}
         self.metrics: dict = {}  # the latest validation metrics
@@ -53,6 +51,14 @@ class Trainer:
             f"{run.url}/checkpoints", ctx, keep_last=ck.keep_last, keep_every=ck.keep_every,
             async_save=ck.async_save, verify=ck.verify, endpoint_url=ck.endpoint_url,
             events=run.event if ctx.is_main else None)
+
+    @property
+    def planned_samples(self) -> int:
+        """Where training ends: max_steps counts optimizer steps, whatever batch size they had."""
+        train = self.config.train
+        if train.max_steps:
+            return self.samples_seen + max(train.max_steps - self.step, 0) * train.global_batch_size
+        return train.num_epochs * self.config.data.train_samples
 
     @property
     def total_steps(self) -> int:

@@ -1,0 +1,185 @@
+"""Torn and corrupt checkpoints are never loaded; the previous committed one is."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import launch, read_jsonl, torchrun_script
+from dtrain.checkpoint.catalog import CheckpointCatalog
+from dtrain.checkpoint.manifest import MANIFEST, Manifest
+
+TINY = ["--preset", "tiny", "--train.log_interval=1", "--train.eval_interval=0",
+        "--checkpoint.interval_steps=2", "--checkpoint.keep_last=2"]
+
+
+def dtrain_cli(*args):
+    return subprocess.run([sys.executable, "-m", "dtrain.cli", *args], capture_output=True, text=True)
+
+
+def checkpoint_dirs(run_dir):
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_sigkill_of_a_rank_mid_save_leaves_a_torn_checkpoint_that_is_never_loaded(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*TINY, "--run-dir", str(run_dir), "--train.max_steps=8"]
+    crashed = torchrun_script("crash_in_save.py", args, nproc=2, env={"DTRAIN_TEST_KILL_IN": "step_00000006"})
+    assert crashed.returncode != 0
+    assert checkpoint_dirs(run_dir) == ["step_00000002", "step_00000004", "step_00000006"]
+    assert not (run_dir / "checkpoints/step_00000006" / MANIFEST).exists()
+    listing = dtrain_cli("inspect", str(run_dir)).stdout
+    assert "step_00000006          torn" in listing
+    assert "torn (no manifest" in dtrain_cli("verify", str(run_dir)).stdout
+
+    resumed = launch([*args], nproc=4)  # restarted on another world size
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step_00000004 (step 4, saved on 2 ranks) on 4 ranks" in resumed.stdout
+    # The torn directory was replaced by a committed one, and retention kept the last two.
+    assert checkpoint_dirs(run_dir) == ["step_00000006", "step_00000008"]
+    assert (run_dir / "checkpoints/step_00000006" / MANIFEST).exists()
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]  # steps 5-6 ran before the crash, and again after
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    run_dir = tmp_path / "run"
+    result = launch([*TINY, "--run-dir", str(run_dir), "--train.max_steps=6"], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def damage(path, how):
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(data)
+
+
+@pytest.mark.parametrize("how, reason", [("truncate", "size"), ("flip", "SHA-256 differs")])
+def test_a_damaged_shard_is_named_by_verify_and_resume_falls_back(finished_run, how, reason):
+    run_dir = finished_run
+    damage(run_dir / "checkpoints/step_00000006/__1_0.distcp", how)
+    verdict = dtrain_cli("verify", str(run_dir), "6")
+    assert verdict.returncode == 1
+    assert f"step_00000006: CORRUPT: __1_0.distcp: {reason}" in verdict.stdout
+    assert dtrain_cli("verify", str(run_dir), "4").returncode == 0
+
+    resumed = launch(["--run-dir", str(run_dir), "--train.max_steps=8"], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint step_00000006 is unusable (__1_0.distcp" in resumed.stdout
+    assert "resuming from step_00000004" in resumed.stdout
+    events = read_jsonl(run_dir / "events.jsonl")
+    assert any(e["event"] == "fallback" and e["rejected"] == ["step_00000006"] for e in events)
+
+
+def test_checkpoints_load_with_plain_pytorch_and_exports_with_weights_only(finished_run, tmp_path):
+    export = tmp_path / "model.pt"
+    assert dtrain_cli("export", str(finished_run), "--out", str(export)).returncode == 0
+    assert dtrain_cli("export", str(finished_run), "--step", "best", "--format", "safetensors",
+                      "--out", str(tmp_path / "model.safetensors")).returncode == 0
+    separate = dtrain_cli("export", str(finished_run), "--separate", "--out", str(tmp_path / "sep"))
+    assert separate.returncode == 0, separate.stderr
+    script = f"""
+import sys, torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+dcp_to_torch_save({str(finished_run / 'checkpoints/step_00000006')!r}, {str(tmp_path / 'full.pt')!r})
+full = torch.load({str(tmp_path / 'full.pt')!r}, weights_only=False)
+export = torch.load({str(export)!r}, weights_only=True)
+optimizer = torch.load({str(tmp_path / 'sep/optimizer.pt')!r}, weights_only=True)["optimizer"]
+model = full["train"]["model"]
+assert model.keys() == export["model"].keys(), (model.keys(), export["model"].keys())
+assert all(torch.equal(model[k], export["model"][k]) for k in model)
+adam = full["train"]["optimizer"]["state"]
+assert all(torch.equal(adam[k]["exp_avg"], optimizer["state"][k]["exp_avg"]) for k in adam)
+assert "dtrain" not in sys.modules
+print("plain", len(model))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "plain" in result.stdout
+
+
+def fake_checkpoint(catalog, step, tags=(), commit=True):
+    directory = catalog.directory(f"step_{step:08d}")
+    catalog.fs.makedirs(directory, exist_ok=True)
+    catalog.fs.pipe_file(f"{directory}/__0_0.distcp", b"x")
+    if commit:
+        manifest = Manifest(step=step, tags=list(tags), progress={}, world_size=1, global_batch_size=1,
+                            micro_batch_size=1, config_fingerprint="", files={})
+        catalog.write_manifest(f"step_{step:08d}", manifest.to_json())
+
+
+def test_retention_keeps_last_best_every_mth_and_removes_torn(tmp_path):
+    catalog = CheckpointCatalog(str(tmp_path / "checkpoints"), keep_last=2, keep_every=40)
+    for step in (10, 20, 30, 40, 50, 60):
+        fake_checkpoint(catalog, step, tags=["best"] if step == 20 else [])
+    fake_checkpoint(catalog, 55, commit=False)  # a crashed save
+    removed = catalog.apply_retention()
+    assert sorted(removed) == ["step_00000010", "step_00000030", "step_00000055"]
+    committed, torn = catalog.scan()
+    assert [m.step for m in committed] == [20, 40, 50, 60] and torn == []
+    # The newest is kept even with keep_last=1, and a fresh best replaces the old one.
+    catalog.keep_last, catalog.keep_every = 1, 0
+    fake_checkpoint(catalog, 70, tags=["best"])
+    catalog.apply_retention()
+    assert [m.step for m in catalog.scan()[0]] == [70]
+
+
+def test_async_saves_hold_the_state_of_their_step(tmp_path):
+    """Training goes on while an async save is written: it must still capture its own step."""
+    from dtrain.checkpoint.export import load_from_run
+    import torch
+
+    runs = {}
+    for mode in ("false", "true"):
+        run_dir = tmp_path / f"async_{mode}"
+        result = launch([*TINY, "--run-dir", str(run_dir), "--train.max_steps=6", "--checkpoint.keep_last=0",
+                         f"--checkpoint.async_save={mode}"], nproc=2)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[mode] = run_dir
+    saves = [e for e in read_jsonl(runs["true"] / "events.jsonl") if e["event"] == "checkpoint"]
+    assert [(e["step"], e["mode"]) for e in saves] == [(2, "async"), (4, "async"), (6, "sync")]
+    for step in ("2", "4", "6"):
+        sync_model = load_from_run(str(runs["false"]), step)[0].state_dict()
+        async_model = load_from_run(str(runs["true"]), step)[0].state_dict()
+        assert all(torch.equal(sync_model[k], async_model[k]) for k in sync_model)
+
+
+def test_epoch_and_time_intervals(tmp_path):
+    run_dir = tmp_path / "epochs"
+    result = launch(["--preset", "tiny", "--run-dir", str(run_dir), "--data.train_samples=40",
+                     "--train.max_steps=10", "--checkpoint.interval_steps=0", "--checkpoint.interval_epochs=1",
+                     "--checkpoint.keep_last=0", "--train.eval_interval=0"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    saves = [e["step"] for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "checkpoint"]
+    assert saves == [3, 5, 8, 10]  # 16-sample steps cross epochs of 40 at steps 3, 5, 8; final at 10
+    run_dir = tmp_path / "seconds"
+    result = launch(["--preset", "tiny", "--run-dir", str(run_dir), "--train.max_steps=4",
+                     "--checkpoint.interval_steps=0", "--checkpoint.interval_seconds=0.000001",
+                     "--checkpoint.keep_last=0", "--train.eval_interval=0"], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saves = [e["step"] for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "checkpoint"]
+    assert saves == [1, 2, 3, 4]
+
+
+def test_a_run_on_s3_resumes_on_another_world_size(s3_env):
+    import s3fs
+    url = "s3://dtrain-test/run-resume"
+    first = launch([*TINY, "--run-dir", url, "--train.max_steps=4"], nproc=2, env=s3_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = launch(["--run-dir", url, "--train.max_steps=6", "--train.global_batch_size=12"], nproc=3, env=s3_env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from step_00000004 (step 4, saved on 2 ranks) on 3 ranks" in second.stdout
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    events = [json.loads(l) for l in fs.cat(f"{url}/events.jsonl").decode().splitlines()]
+    assert [e["event"] for e in events if e["event"] in ("start", "resume", "end")] == ["start", "end", "resume", "end"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{url}/checkpoints")) == ["step_00000004", "step_00000006"]
+    verdict = subprocess.run([sys.executable, "-m", "dtrain.cli", "verify", url], capture_output=True, text=True,
+                             env={**__import__("os").environ, **s3_env})
+    assert verdict.returncode == 0 and verdict.stdout.count(": ok") == 2, verdict.stdout + verdict.stderr
