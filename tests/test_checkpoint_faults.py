@@ -183,3 +183,26 @@ def test_a_run_on_s3_resumes_on_another_world_size(s3_env):
     verdict = subprocess.run([sys.executable, "-m", "dtrain.cli", "verify", url], capture_output=True, text=True,
                              env={**__import__("os").environ, **s3_env})
     assert verdict.returncode == 0 and verdict.stdout.count(": ok") == 2, verdict.stdout + verdict.stderr
+
+
+def test_resuming_an_older_step_never_writes_over_a_newer_checkpoint(finished_run):
+    run_dir = finished_run
+    original = (run_dir / "checkpoints/step_00000006" / MANIFEST).read_bytes()
+    result = launch(["--run-dir", str(run_dir), "--resume", "4", "--train.max_steps=7",
+                     "--checkpoint.keep_last=0"], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from step_00000004" in result.stdout
+    assert (run_dir / "checkpoints/step_00000006" / MANIFEST).read_bytes() == original
+    assert checkpoint_dirs(run_dir) == ["step_00000004", "step_00000006", "step_00000006_1", "step_00000007"]
+    again = launch(["--run-dir", str(run_dir), "--resume", "best"], nproc=2)
+    assert again.returncode == 0 and "already finished at step 7" in again.stdout, again.stdout
+
+
+def test_resume_refuses_a_step_that_is_not_there_and_a_new_model_shape(finished_run):
+    before = {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
+    missing = launch(["--run-dir", str(finished_run), "--resume", "5"])
+    assert missing.returncode == 2 and "no committed checkpoint at step 5" in missing.stderr
+    reshaped = launch(["--run-dir", str(finished_run), "--model.width=64"])
+    assert reshaped.returncode == 2
+    assert "--model.width=64 differs from the run's 32" in reshaped.stderr
+    assert before == {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}

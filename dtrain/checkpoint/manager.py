@@ -47,6 +47,7 @@ class CheckpointManager:
         self.async_save, self.verify, self.endpoint_url = async_save, verify, endpoint_url
         self.events = events  # callable(kind, **fields) on rank 0, or None
         self._pending: PendingSave | None = None
+        self.last_blocked_s = 0.0
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtrain-checksum")
         # Background saves get their own gloo group: sharing the training group with
         # FSDP's collectives hung or aborted with "collective mismatch" (DCP-NOTES.md).
@@ -71,7 +72,7 @@ class CheckpointManager:
             dcp.save(state, storage_writer=writer(url, self.endpoint_url))
             future = Future()
             future.set_result(None)
-        blocked = time.perf_counter() - started
+        blocked = self.last_blocked_s = time.perf_counter() - started
         checksums = self._background.submit(self._checksum_my_share, future, name)
         self._pending = PendingSave(name, step, list(tags), info, started, blocked,
                                     "async" if background else "sync", checksums)
