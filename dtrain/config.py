@@ -48,6 +48,10 @@ class DataConfig:
     seed: int = opt(0, "seed of the training examples and their order")
     val_seed: int = opt(1, "seed of the validation set")
     record_indices: bool = opt(False, "append each rank's consumed sample indices to RUN/samples/")
+    resize_now: bool = opt(False, "on resume with a new train_samples: end the current epoch now "
+                                  "(default: finish it at its old length, resize from the next one)")
+    allow_new_order: bool = opt(False, "on resume, accept a new data.seed or data.mode: a new epoch "
+                                       "starts with it at once (otherwise that is an error)")
 
 
 @dataclass
@@ -62,6 +66,10 @@ class TrainConfig:
     warmup_fraction: float = opt(0.05, "fraction of the planned samples spent warming up linearly")
     step_milestones: str = opt("0.5,0.75", "step schedule: progress fractions where lr is multiplied by step_gamma")
     step_gamma: float = opt(0.1, "step schedule: factor applied at each milestone")
+    reconfigure_scheduler: bool = opt(False, "on resume with a new plan (steps, epochs, samples): re-plan the "
+                                              "LR decay from the current point to the new end (default: "
+                                              "keep the old curve)")
+    scale_lr: bool = opt(False, "on resume with a new global batch size: scale the LR linearly with it")
     weight_decay: float = opt(0.01, "AdamW weight decay")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 disables")
     eval_interval: int = opt(100, "validate every this many steps (and at the end); 0: only at the end")
@@ -297,6 +305,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         help="in a run directory that holds a run, continue from the newest committed "
                              "checkpoint (latest), the best one, a step, or refuse (never) "
                              "(default: latest)")
+    parser.add_argument("--stop-at-step", type=int, metavar="N",
+                        help="stop after step N, saving a checkpoint, without changing the plan "
+                             "(the next start continues); for time-sliced jobs and tests")
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} options")
         for f in dataclasses.fields(cls):

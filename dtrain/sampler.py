@@ -89,12 +89,17 @@ class GlobalBatch:
 
 
 class ElasticSampler:
-    """Deals global batches from the epoch orders and remembers where it is."""
+    """Deals global batches from the epoch orders and remembers where it is.
+
+    ``epoch_length`` is the length of the current epoch; ``train_samples`` that of
+    the epochs to come. They differ only after a resize that waits for the epoch
+    to end, so the current epoch is always one permutation, consumed exactly once.
+    """
 
     def __init__(self, train_samples: int, seed: int, mode: str = "fixed"):
         if mode not in ("fixed", "dynamic"):
             raise ValueError(f"unknown data mode {mode!r}")
-        self.train_samples = train_samples
+        self.train_samples = self.epoch_length = train_samples
         self.seed = seed
         self.mode = mode
         self.epoch = 0
@@ -102,32 +107,56 @@ class ElasticSampler:
         self._permutation = None
 
     def _order(self, epoch: int) -> IndexPermutation:
-        if self._permutation is None or self._permutation[0] != epoch:
-            self._permutation = (epoch, IndexPermutation(self.train_samples, self.seed, epoch))
+        key = (epoch, self.epoch_length, self.seed)
+        if self._permutation is None or self._permutation[0] != key:
+            self._permutation = (key, IndexPermutation(self.epoch_length, self.seed, epoch))
         return self._permutation[1]
+
+    def _next_epoch(self) -> None:
+        self.epoch, self.samples_in_epoch = self.epoch + 1, 0
+        self.epoch_length = self.train_samples
 
     def take(self, count: int) -> GlobalBatch:
         """The next ``count`` samples of the stream; advances the state past them."""
         epochs, positions, indices = [], [], []
         while count > 0:
-            chunk = min(count, self.train_samples - self.samples_in_epoch)
+            chunk = min(count, self.epoch_length - self.samples_in_epoch)
             pos = np.arange(self.samples_in_epoch, self.samples_in_epoch + chunk, dtype=np.int64)
             epochs.append(np.full(chunk, self.epoch, dtype=np.int64))
             positions.append(pos)
             indices.append(self._order(self.epoch)(pos) if self.mode == "fixed" else pos)
             count -= chunk
             self.samples_in_epoch += chunk
-            if self.samples_in_epoch == self.train_samples:
-                self.epoch, self.samples_in_epoch = self.epoch + 1, 0
+            if self.samples_in_epoch == self.epoch_length:
+                self._next_epoch()
         return GlobalBatch(np.concatenate(epochs), np.concatenate(positions), np.concatenate(indices))
+
+    def end_epoch_now(self) -> None:
+        """Close the current epoch where it stands (if it has begun); the next one starts fresh."""
+        if self.samples_in_epoch:
+            self._next_epoch()
+        else:
+            self.epoch_length = self.train_samples
+
+    def resize(self, train_samples: int, now: bool = False) -> None:
+        """Change the epoch length: from the next epoch, or (``now``) by ending this one here."""
+        self.train_samples = train_samples
+        if now or self.samples_in_epoch == 0:
+            self.end_epoch_now()
+
+    def reidentify(self, seed: int, mode: str) -> None:
+        """A new order (seed) or generation mode, from a fresh epoch that starts now."""
+        self.seed, self.mode = seed, mode
+        self.end_epoch_now()
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "samples_in_epoch": self.samples_in_epoch,
-                "seed": self.seed, "train_samples": self.train_samples, "mode": self.mode}
+                "epoch_length": self.epoch_length, "train_samples": self.train_samples,
+                "seed": self.seed, "mode": self.mode}
 
     def load_state_dict(self, state: dict) -> None:
-        identity = {k: state[k] for k in ("seed", "train_samples", "mode")}
-        mine = {"seed": self.seed, "train_samples": self.train_samples, "mode": self.mode}
-        if identity != mine:
-            raise ValueError(f"sampler state is for dataset {identity}, not {mine}")
+        """Take the saved position and dataset identity as they are; the trainer
+        decides afterwards whether the configuration may change them."""
         self.epoch, self.samples_in_epoch = int(state["epoch"]), int(state["samples_in_epoch"])
+        self.epoch_length, self.train_samples = int(state["epoch_length"]), int(state["train_samples"])
+        self.seed, self.mode = int(state["seed"]), str(state["mode"])

@@ -74,7 +74,8 @@ def _plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: in
     return {"config": new, "changed": changed}
 
 
-def train(settings: Settings, run_dir: str, resume: str = "latest", prog: str = "dtrain") -> int:
+def train(settings: Settings, run_dir: str, resume: str = "latest", prog: str = "dtrain",
+          stop_at_step: int | None = None) -> int:
     """Train (or continue) ``run_dir`` on this process's group; returns an exit code."""
     ctx = init_distributed(settings.resolve().train.device)
     try:
@@ -90,12 +91,19 @@ def train(settings: Settings, run_dir: str, resume: str = "latest", prog: str = 
                   f"{manifest.world_size} ranks) on {ctx.world_size} ranks", flush=True)
             if plan["changed"]:
                 run.event("config_changed", step=trainer.step, changed=plan["changed"])
-        if trainer.finished:
+        if stop_at_step is not None and trainer.step >= stop_at_step:
+            if ctx.is_main:
+                print(f"{prog}: run {run.url} is at step {trainer.step}, past --stop-at-step "
+                      f"{stop_at_step}; nothing to do", flush=True)
+        elif trainer.finished:
             if ctx.is_main:
                 print(f"{prog}: run {run.url} already finished at step {trainer.step} "
                       f"({trainer.samples_seen} samples); nothing to do", flush=True)
         else:
-            trainer.fit()
+            trainer.fit(stop_at_step)
+            if not trainer.finished and ctx.is_main:
+                print(f"{prog}: stopped at step {trainer.step} as asked, checkpoint committed; "
+                      "start the same run again to continue", flush=True)
     except (ConfigError, CheckpointError) as error:
         # Every rank reaches the same verdict (decided on rank 0 or collectively): stop in order.
         if ctx.is_main:
@@ -116,7 +124,7 @@ def main(argv=None, prog: str = "python -m dtrain.train") -> int:
     parser = build_parser(prog, DESCRIPTION)
     args, settings = parse_args(parser, argv)
     try:
-        return train(settings, args.run_dir, args.resume, prog)
+        return train(settings, args.run_dir, args.resume, prog, args.stop_at_step)
     except ConfigError as error:  # raised before a process group exists
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_CONFIG

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointManager, Manifest, TrainingState
-from .config import ExperimentConfig, micro_batches
+from .config import ConfigError, ExperimentConfig, micro_batches
 from .data import VALIDATION_STREAM, make_examples, mixture_spec, train_streams
 from .dist import DistContext
 from .metrics import kmeans_centres, set_mean_centres, squared_error, wasserstein
@@ -43,6 +43,7 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.schedule = LRSchedule.from_config(train, self.planned_samples)
+        self.saved_plan: dict | None = None  # the plan of the checkpoint this run resumed from
         self.best = {"val_mse": math.inf, "step": -1}
         self.metrics: dict = {}  # the latest validation metrics
         self._validation = None
@@ -54,11 +55,18 @@ class Trainer:
 
     @property
     def planned_samples(self) -> int:
-        """Where training ends: max_steps counts optimizer steps, whatever batch size they had."""
-        train = self.config.train
+        """Samples seen when training ends, counted from the current point.
+
+        max_steps counts optimizer steps, whatever batch size they had; otherwise
+        training ends with epoch num_epochs - 1, whatever lengths its epochs had.
+        """
+        train, sampler = self.config.train, self.sampler
         if train.max_steps:
             return self.samples_seen + max(train.max_steps - self.step, 0) * train.global_batch_size
-        return train.num_epochs * self.config.data.train_samples
+        if sampler.epoch >= train.num_epochs:
+            return self.samples_seen
+        return (self.samples_seen + sampler.epoch_length - sampler.samples_in_epoch
+                + (train.num_epochs - sampler.epoch - 1) * sampler.train_samples)
 
     @property
     def total_steps(self) -> int:
@@ -67,7 +75,13 @@ class Trainer:
 
     @property
     def finished(self) -> bool:
-        return self.samples_seen >= self.planned_samples
+        train = self.config.train
+        return self.step >= train.max_steps if train.max_steps else self.sampler.epoch >= train.num_epochs
+
+    def plan_record(self) -> dict:
+        """The settings a resume compares against to see what the user changed."""
+        return {"global_batch_size": self.config.train.global_batch_size, "lr": self.config.train.lr,
+                "val_seed": self.config.data.val_seed, "val_samples": self.config.data.val_samples}
 
     # ---- checkpoints -----------------------------------------------------------------------
     def state(self) -> dict:
@@ -78,7 +92,62 @@ class Trainer:
         manifest = self.checkpoints.load(self.state(), which)
         if manifest is not None:
             self.metrics = dict(manifest.metrics)
+            for kind, message, fields in self._reconcile():
+                if self.ctx.is_main:
+                    print(f"dtrain: {message}", flush=True)
+                    self.run.event(kind, step=self.step, **fields)
         return manifest
+
+    def _reconcile(self) -> list[tuple[str, str, dict]]:
+        """Apply what the configuration changes relative to the checkpoint; say what changed.
+
+        Runs on every rank with the same inputs, so every rank makes the same changes.
+        """
+        data, train, sampler, saved = self.config.data, self.config.train, self.sampler, self.saved_plan
+        changes = []
+        if (data.seed, data.mode) != (sampler.seed, sampler.mode):
+            if not data.allow_new_order:
+                raise ConfigError(f"--data.seed={data.seed} --data.mode={data.mode} differ from the "
+                                  f"checkpoint's seed {sampler.seed}, mode {sampler.mode}: the sample order "
+                                  "would not continue; pass --data.allow_new_order=true to start a new epoch with them")
+            old = {"seed": sampler.seed, "mode": sampler.mode}
+            sampler.reidentify(data.seed, data.mode)
+            changes.append(("data_order_changed", f"new data order {old} -> seed {data.seed}, mode {data.mode}; "
+                            f"epoch {sampler.epoch} starts now", {"old": old, "epoch": sampler.epoch}))
+        if data.train_samples != sampler.train_samples:
+            old, epoch = sampler.train_samples, sampler.epoch
+            sampler.resize(data.train_samples, now=data.resize_now)
+            when = "now" if sampler.epoch != epoch or sampler.samples_in_epoch == 0 else "from the next epoch"
+            changes.append(("epoch_length_changed", f"epoch length {old} -> {data.train_samples} {when} "
+                            f"(epoch {sampler.epoch}, position {sampler.samples_in_epoch})",
+                            {"old": old, "new": data.train_samples, "when": when, "epoch": sampler.epoch}))
+        factor = train.lr / saved["lr"]
+        if train.scale_lr and train.global_batch_size != saved["global_batch_size"]:
+            factor *= train.global_batch_size / saved["global_batch_size"]
+        if factor != 1.0:
+            self.schedule = self.schedule.scaled(factor)
+            changes.append(("lr_scaled", f"learning-rate curve scaled by {factor:g} (lr {saved['lr']:g} -> "
+                            f"{train.lr:g}, global batch {saved['global_batch_size']} -> {train.global_batch_size}, "
+                            f"scale_lr={train.scale_lr})", {"factor": factor}))
+        end = self.planned_samples
+        if end != self.schedule.total_samples:
+            old_end = self.schedule.total_samples
+            if train.reconfigure_scheduler:
+                self.schedule = self.schedule.replan(self.samples_seen, end)
+                message = (f"LR schedule re-planned from sample {self.samples_seen} to {end} (was {old_end}), "
+                           f"continuing from lr {self.schedule(self.samples_seen):.3g}")
+            else:
+                message = (f"the plan now ends at sample {end} (was {old_end}); the LR keeps its old curve "
+                           "(pass --train.reconfigure_scheduler=true to re-plan it)")
+            changes.append(("schedule_replanned" if train.reconfigure_scheduler else "schedule_kept", message,
+                            {"old_total": old_end, "new_total": end, "samples_seen": self.samples_seen}))
+        if (data.val_seed, data.val_samples) != (saved["val_seed"], saved["val_samples"]):
+            self.best = {"val_mse": math.inf, "step": -1}  # scores on another set do not compare
+            changes.append(("validation_changed", f"new validation set (seed {saved['val_seed']} -> {data.val_seed}, "
+                            f"{saved['val_samples']} -> {data.val_samples} examples): metrics before and after "
+                            f"step {self.step} are not comparable, and best restarts",
+                            {"old": [saved["val_seed"], saved["val_samples"]]}))
+        return changes
 
     def save(self, tags: list[str], blocking: bool) -> None:
         info = {"progress": {"step": self.step, "samples_seen": self.samples_seen,
@@ -197,8 +266,12 @@ class Trainer:
         if self.ctx.is_main:
             self.run.append_jsonl("metrics.jsonl", {"kind": kind, **record})
 
-    def fit(self) -> dict:
-        """Train to the planned end, saving on the way; returns the last validation metrics."""
+    def fit(self, stop_at_step: int | None = None) -> dict:
+        """Train to the planned end (or ``stop_at_step``), saving on the way.
+
+        Returns the last validation metrics. A stop before the end saves a
+        checkpoint like the end does, so the next start continues from it.
+        """
         ctx, train = self.ctx, self.config.train
         per_rank = self._parameters_per_rank()
         if ctx.is_main:
@@ -240,17 +313,18 @@ class Trainer:
             tags = []
             if (train.eval_interval and self.step % train.eval_interval == 0) or self.finished:
                 tags += self._evaluate_and_log(progress)
-            if self.finished:
+            if self.finished or (stop_at_step and self.step >= stop_at_step):
                 break
             if tags or self._save_reasons(epoch_before, last_save):
                 self.save(tags, blocking=False)
                 last_save = time.monotonic()
             window_start = time.perf_counter()  # keep evaluation and saving out of the throughput
         progress.close()
-        self.save(tags + ["final"], blocking=True)
+        self.save(tags + (["final"] if self.finished else []), blocking=True)
         self.checkpoints.close()
         if ctx.is_main:
-            self.run.event("end", step=self.step, samples_seen=self.samples_seen, **self.metrics)
+            self.run.event("end" if self.finished else "stop", step=self.step,
+                           samples_seen=self.samples_seen, **self.metrics)
         return self.metrics
 
     def _evaluate_and_log(self, progress: Progress) -> list[str]:

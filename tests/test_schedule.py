@@ -39,3 +39,28 @@ def test_a_function_of_samples_not_steps():
     s = schedule("cosine")
     # Batches of 10 or of 50 samples meet the same curve at the same progress.
     assert [s(x) for x in range(0, 1001, 50)] == [s(x) for x in range(0, 1001, 10)][::5]
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine", "step", "warmup_decay"])
+def test_a_replan_continues_from_the_current_point_to_the_new_end(kind):
+    old = schedule(kind)
+    new = old.replan(600, 3000)
+    assert new(600) == pytest.approx(old(600))  # no jump at the resume point
+    if kind in ("linear", "cosine"):
+        assert new(3000) == pytest.approx(0.1) and new(1000) > old(1000)
+        steps = [new(x) for x in range(600, 3001, 10)]
+        assert all(a >= b for a, b in zip(steps, steps[1:]))
+    if kind == "step":  # milestones re-applied over the remaining span
+        assert new(600 + 1200) == pytest.approx(old(600) * 0.1)
+
+
+def test_a_replan_during_warmup_keeps_the_warmup():
+    new = schedule("cosine").replan(50, 2000)
+    assert new(50) == pytest.approx(0.5) and new(100) == pytest.approx(1.0)
+    assert new(2000) == pytest.approx(0.1)
+
+
+def test_scaling_multiplies_the_whole_curve():
+    old = schedule("cosine").replan(500, 2000)
+    doubled = old.scaled(2.0)
+    assert all(doubled(x) == pytest.approx(2 * old(x)) for x in (10, 500, 1200, 2000))

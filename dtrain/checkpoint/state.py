@@ -25,7 +25,8 @@ class TrainingState(Stateful):
                 "progress": {"step": t.step, "samples_seen": t.samples_seen},
                 "sampler": t.sampler.state_dict(),
                 "schedule": t.schedule.state_dict(),
-                "best": dict(t.best)}
+                "best": dict(t.best),
+                "plan": t.plan_record()}
 
     def load_state_dict(self, state: dict) -> None:
         t = self.trainer
@@ -36,3 +37,4 @@ class TrainingState(Stateful):
         t.sampler.load_state_dict(state["sampler"])
         t.schedule.load_state_dict(state["schedule"])
         t.best = dict(state["best"])
+        t.saved_plan = dict(state["plan"])
