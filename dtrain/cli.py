@@ -4,10 +4,12 @@
     dtrain inspect RUN [--step N]           checkpoints of a run, or one checkpoint's tensors
     dtrain verify RUN [STEP]                check checkpoints against their manifests
     dtrain export RUN --out PATH [--step latest|best|N] [--format pt|safetensors] [--separate]
+    dtrain report RUN [--json]              interruptions, steps lost, per-epoch sample coverage
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from . import train
@@ -90,19 +92,28 @@ def export(args) -> int:
     return 0
 
 
+def report(args) -> int:
+    from .report import check_run, format_report
+    result = check_run(args.run, args.endpoint_url)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0 if result["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtrain", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("train", help="train or continue a run (dtrain train --help)", add_help=False)
     for name, function, text in (("inspect", inspect, "list a run's checkpoints, or one's tensors"),
                                  ("verify", verify, "check checkpoints against their manifests"),
-                                 ("export", export, "write a consolidated model for inference")):
+                                 ("export", export, "write a consolidated model for inference"),
+                                 ("report", report, "interruptions, lost steps, sample coverage, checkpoints")):
         sub = commands.add_parser(name, help=text, description=text)
         sub.set_defaults(function=function)
         sub.add_argument("run", metavar="RUN", help="run directory (path or URL)")
         sub.add_argument("--endpoint-url", default="", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     commands.choices["inspect"].add_argument("--step", help="latest, best or a step: list its tensors")
     commands.choices["verify"].add_argument("step", nargs="?", help="latest, best or a step (default: all)")
+    commands.choices["report"].add_argument("--json", action="store_true", help="machine-readable output")
     exporter = commands.choices["export"]
     exporter.add_argument("--step", default="latest", help="latest, best or a step (default: latest)")
     exporter.add_argument("--out", required=True, help="output file, or directory with --separate")

@@ -92,6 +92,10 @@ class CheckpointConfig:
     verify: bool = opt(True, "check every file's SHA-256 before loading (sizes are always checked)")
     save_best: bool = opt(True, "save when validation MSE reaches a new best (tagged best)")
     endpoint_url: str = opt("", "S3 endpoint URL; empty: AWS_ENDPOINT_URL and the usual AWS configuration")
+    save_on_signal: bool = opt(True, "on a stop signal, all ranks save at the next step boundary and exit 75")
+    stop_signals: str = opt("SIGTERM,SIGUSR1", "signals that ask the job to save and stop")
+    grace_seconds: float = opt(0.0, "after a stop signal, exit at once if not done within this many "
+                                    "seconds; 0: no deadline (a second signal always exits at once)")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,

@@ -2,8 +2,9 @@
 
 Pointed at a run directory that already holds a run, it continues from the
 newest committed checkpoint, with the run's stored configuration plus whatever
-the command line changes. Exit codes: 0 done (or already finished), 1 crashed,
-2 bad configuration or no usable checkpoint (nothing written).
+the command line changes. Exit codes: 0 done (or already finished, or stopped at --stop-at-step), 1 crashed,
+2 bad configuration or no usable checkpoint (nothing written), 75 stopped on a
+signal with a committed checkpoint (start again to continue).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import traceback
 from .checkpoint import CheckpointError
 from .config import ConfigError, ExperimentConfig, Settings, all_keys, build_parser, parse_args, validate
 from .dist import broadcast_from_main, init_distributed, shutdown
+from .preempt import EXIT_PREEMPTED
 from .runlog import RunDirectory
 from .trainer import Trainer
 
@@ -101,6 +103,13 @@ def train(settings: Settings, run_dir: str, resume: str = "latest", prog: str = 
                       f"({trainer.samples_seen} samples); nothing to do", flush=True)
         else:
             trainer.fit(stop_at_step)
+            if trainer.stopped_by_signal:
+                if ctx.is_main:
+                    print(f"{prog}: stopped at step {trainer.step} on {trainer.stopped_by_signal}, "
+                          f"checkpoint committed; start the same run again to continue "
+                          f"(exit {EXIT_PREEMPTED})", flush=True)
+                shutdown(ctx)
+                return EXIT_PREEMPTED
             if not trainer.finished and ctx.is_main:
                 print(f"{prog}: stopped at step {trainer.step} as asked, checkpoint committed; "
                       "start the same run again to continue", flush=True)

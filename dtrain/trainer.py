@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -11,10 +12,11 @@ import torch.distributed as dist
 from .checkpoint import CheckpointManager, Manifest, TrainingState
 from .config import ConfigError, ExperimentConfig, micro_batches
 from .data import VALIDATION_STREAM, make_examples, mixture_spec, train_streams
-from .dist import DistContext
+from .dist import DistContext, broadcast_from_main
 from .metrics import kmeans_centres, set_mean_centres, squared_error, wasserstein
 from .model import build_model, count_parameters
 from .parallel import resolve_precision, shard_model
+from .preempt import StopRequest
 from .progress import Progress
 from .runlog import RunDirectory
 from .sampler import ElasticSampler, GlobalBatch
@@ -44,6 +46,9 @@ class Trainer:
         self.samples_seen = 0
         self.schedule = LRSchedule.from_config(train, self.planned_samples)
         self.saved_plan: dict | None = None  # the plan of the checkpoint this run resumed from
+        self.stopped_by_signal: str | None = None
+        self.leg = ""  # id of this start of the run: sample records of rolled-back steps are told apart by it
+        self._last_saved_step = -1
         self.best = {"val_mse": math.inf, "step": -1}
         self.metrics: dict = {}  # the latest validation metrics
         self._validation = None
@@ -158,6 +163,7 @@ class Trainer:
                 "config_fingerprint": self.config.fingerprint(),
                 "metrics": self.metrics}
         self.checkpoints.save(self.state(), self.step, tags, info, blocking=blocking)
+        self._last_saved_step = self.step
 
     def checkpoints_last_blocked(self) -> float:
         """Seconds the last save blocked training (staging for async, everything for sync)."""
@@ -187,7 +193,7 @@ class Trainer:
         mine = global_batch.shard(ctx.rank, ctx.world_size)
         if self.config.data.record_indices:
             self.run.append_jsonl(f"samples/rank_{ctx.rank}.jsonl", {
-                "step": self.step, "world_size": ctx.world_size, "epochs": mine.epochs.tolist(),
+                "step": self.step, "leg": self.leg, "world_size": ctx.world_size, "epochs": mine.epochs.tolist(),
                 "positions": mine.positions.tolist(), "indices": mine.indices.tolist()})
         lr = self.schedule(self.samples_seen + train.global_batch_size)
         for group in self.optimizer.param_groups:
@@ -272,10 +278,12 @@ class Trainer:
         Returns the last validation metrics. A stop before the end saves a
         checkpoint like the end does, so the next start continues from it.
         """
-        ctx, train = self.ctx, self.config.train
+        ctx, train, ck = self.ctx, self.config.train, self.config.checkpoint
         per_rank = self._parameters_per_rank()
+        self.leg = broadcast_from_main(ctx, uuid.uuid4().hex[:12] if ctx.is_main else None)
         if ctx.is_main:
-            self.run.event("start" if self.step == 0 else "resume", step=self.step, samples_seen=self.samples_seen,
+            self.run.event("start" if self.step == 0 else "resume", step=self.step, leg=self.leg,
+                           samples_seen=self.samples_seen,
                            world_size=ctx.world_size, global_batch_size=train.global_batch_size,
                            micro_batch_size=self.micro_batch, accumulation=self.accumulation,
                            device=str(ctx.device), backend=ctx.backend, precision=self.precision,
@@ -286,29 +294,41 @@ class Trainer:
                          f"rank(s) ({ctx.device.type}, {self.precision}), global batch "
                          f"{train.global_batch_size} = {ctx.world_size} x {self.micro_batch} x "
                          f"{self.accumulation}, {self.total_steps} steps, run {self.run.url}")
-        if self.step == 0:
-            self._evaluate_and_log(progress)
-        window_loss = torch.zeros((), device=ctx.device)
-        window_steps, window_start = 0, time.perf_counter()
+        # Handlers first: a signal during the first evaluation is honoured at the first boundary.
+        stop = StopRequest(ck.stop_signals if ck.save_on_signal else "", ck.grace_seconds)
+        try:
+            if self.step == 0:
+                self._evaluate_and_log(progress)
+            self._loop(progress, stop, stop_at_step)
+        finally:
+            stop.close()
+        return self.metrics
+
+    def _loop(self, progress: Progress, stop: StopRequest, stop_at_step: int | None) -> None:
+        """Steps until the end, ``stop_at_step`` or an agreed stop; then the last, synchronous save."""
+        ctx, train = self.ctx, self.config.train
         last_save = time.monotonic()
+        window_loss = torch.zeros((), device=ctx.device)
+        window_steps, window_busy = 0, 0.0  # throughput counts step time, not evaluation or saving
         tags: list[str] = []
         while not self.finished:
             epoch_before = self.sampler.epoch
+            started = time.perf_counter()
             window_loss += self.train_step()
+            window_busy += time.perf_counter() - started
             window_steps += 1
             self.checkpoints.poll()
             record = None
             if self.step % train.log_interval == 0 or self.finished:
                 dist.all_reduce(window_loss)
-                elapsed = time.perf_counter() - window_start
-                record = {"step": self.step, "epoch": self.sampler.epoch,
+                record = {"step": self.step, "leg": self.leg, "epoch": self.sampler.epoch, "time": time.time(),
                           "samples_seen": self.samples_seen,
                           "loss": window_loss.item() / (window_steps * train.global_batch_size),
                           "lr": self.optimizer.param_groups[0]["lr"],
-                          "samples_per_s": window_steps * train.global_batch_size / elapsed}
+                          "samples_per_s": window_steps * train.global_batch_size / window_busy}
                 self._log("train", record)
                 window_loss.zero_()
-                window_steps, window_start = 0, time.perf_counter()
+                window_steps, window_busy = 0, 0.0
             progress.step(record)
             tags = []
             if (train.eval_interval and self.step % train.eval_interval == 0) or self.finished:
@@ -318,14 +338,22 @@ class Trainer:
             if tags or self._save_reasons(epoch_before, last_save):
                 self.save(tags, blocking=False)
                 last_save = time.monotonic()
-            window_start = time.perf_counter()  # keep evaluation and saving out of the throughput
+            # After any evaluation or save, so a signal during them is honoured right here.
+            if stop.agreed():
+                self.stopped_by_signal = stop.received or "a signal to another rank"
+                break
         progress.close()
-        self.save(tags + (["final"] if self.finished else []), blocking=True)
+        if self.finished:
+            tags = tags + ["final"]
+        elif self.stopped_by_signal:
+            tags = tags + ["preempted"]
+        if self._last_saved_step != self.step:
+            self.save(tags, blocking=True)  # synchronous: the process is about to end
         self.checkpoints.close()
         if ctx.is_main:
+            reason = {"reason": self.stopped_by_signal} if self.stopped_by_signal else {}
             self.run.event("end" if self.finished else "stop", step=self.step,
-                           samples_seen=self.samples_seen, **self.metrics)
-        return self.metrics
+                           samples_seen=self.samples_seen, **reason, **self.metrics)
 
     def _evaluate_and_log(self, progress: Progress) -> list[str]:
         """Validate, log, and return ["best"] when this is a new best worth saving."""

@@ -1,0 +1,61 @@
+"""Stopping on a signal: the handler only sets a flag; ranks agree at step boundaries.
+
+SIGTERM (spot/preemptible instances, Kubernetes, torchrun's agent) and SIGUSR1
+(SLURM's ``--signal``) ask the job to stop. A rank that received one says so in
+a one-integer all-reduce at the next step boundary, and every rank then saves
+and exits together (DESIGN invariant 7). A second signal, or the grace deadline,
+ends the process at once: a checkpoint that cannot finish must not hold the
+machine past its notice.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+import torch
+import torch.distributed as dist
+
+# sysexits' EX_TEMPFAIL: stopped on request with a committed checkpoint; start again to continue.
+EXIT_PREEMPTED = 75
+
+
+class StopRequest:
+    def __init__(self, signal_names: str, grace_seconds: float = 0.0):
+        self.received: str | None = None
+        self.grace_seconds = grace_seconds
+        self._previous = {}
+        names = [name.strip().upper() for name in signal_names.split(",") if name.strip()]
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only; nothing to install here
+        for name in names:
+            number = getattr(signal, name if name.startswith("SIG") else f"SIG{name}")
+            self._previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number, frame) -> None:
+        name = signal.Signals(number).name
+        if self.received is not None:
+            print(f"dtrain: second signal ({name}) while stopping; exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + number)
+        self.received = name
+        if self.grace_seconds:
+            timer = threading.Timer(self.grace_seconds, self._deadline)
+            timer.daemon = True
+            timer.start()
+
+    def _deadline(self) -> None:
+        print(f"dtrain: grace period of {self.grace_seconds:g} s after {self.received} is over; "
+              "exiting without finishing the checkpoint", file=sys.stderr, flush=True)
+        os._exit(128 + signal.SIGTERM)
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop (collective: call on every rank, at the same point)."""
+        flag = torch.tensor([1 if self.received else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()

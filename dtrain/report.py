@@ -1,0 +1,108 @@
+"""The run checker: what happened to a run, from its events, metrics, samples and checkpoints.
+
+Each start of the process group is a *leg* (a ``start`` or ``resume`` event with
+an id). A leg ends with ``end`` (done), ``stop`` (a signal or --stop-at-step:
+saved first) or nothing (killed or crashed). Steps a leg completed beyond the
+step the next leg resumed from were lost and done again. With sample records
+(``--data.record_indices=true``) the checker also counts, per epoch, how often
+each sample was consumed by the steps that count (those not rolled back).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from .checkpoint.catalog import CheckpointCatalog
+from .checkpoint.manifest import find_problems
+from .runlog import RunDirectory
+
+
+def _jsonl_lines(run: RunDirectory, name: str) -> list[dict]:
+    """Records of a JSONL file; a line cut short by a killed writer is skipped."""
+    if not run.exists(name):
+        return []
+    out = []
+    for line in run.read_text(name).splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def check_run(run_url: str, endpoint_url: str = "") -> dict:
+    run = RunDirectory(run_url)
+    events = _jsonl_lines(run, "events.jsonl")
+    train = [r for r in _jsonl_lines(run, "metrics.jsonl") if r.get("kind") == "train" and "leg" in r]
+    starts = [e for e in events if e["event"] in ("start", "resume")]
+    legs = []
+    for i, start in enumerate(starts):
+        later = events[events.index(start) + 1:]
+        following = starts[i + 1] if i + 1 < len(starts) else None
+        ending = next((e for e in later if e["event"] in ("end", "stop") and
+                       (following is None or e["time"] <= following["time"])), None)
+        completed = max([r["step"] for r in train if r["leg"] == start["leg"]], default=start["step"])
+        how = ("finished" if ending and ending["event"] == "end" else
+               f"stopped ({ending.get('reason', 'asked')})" if ending else "killed")
+        legs.append({"leg": start["leg"], "from_step": start["step"], "world_size": start["world_size"],
+                     "last_step": completed, "ended": how,
+                     "lost_steps": max(completed - following["step"], 0) if following else 0})
+    report = {"run": run_url, "legs": legs, "finished": bool(legs) and legs[-1]["ended"] == "finished",
+              "interruptions": len(legs) - 1 if legs else 0,
+              "steps_lost": sum(leg["lost_steps"] for leg in legs)}
+    report["coverage"] = _coverage(run, legs)
+    report["checkpoints"] = _checkpoints(run_url, endpoint_url)
+    report["ok"] = (report["checkpoints"]["unloadable"] == 0 and
+                    all(e["duplicates"] == 0 and e["missing"] == 0 for e in report["coverage"].values()))
+    return report
+
+
+def _coverage(run: RunDirectory, legs: list[dict]) -> dict:
+    """Per epoch: samples consumed by surviving steps, and duplicates/missing positions."""
+    window = {}  # leg -> [first, last] steps that survived (later legs redo the rest)
+    for i, leg in enumerate(legs):
+        end = legs[i + 1]["from_step"] if i + 1 < len(legs) else float("inf")
+        window[leg["leg"]] = (leg["from_step"], end)
+    counts: dict[int, Counter] = {}
+    names = [p.rsplit("/", 1)[-1] for p in run.fs.ls(run.path("samples"), detail=False)] \
+        if run.exists("samples") else []
+    for name in names:
+        for record in _jsonl_lines(run, f"samples/{name}"):
+            first, end = window.get(record.get("leg"), (0, -1))
+            if first <= record["step"] < end:
+                for epoch, position in zip(record["epochs"], record["positions"]):
+                    counts.setdefault(epoch, Counter())[position] += 1
+    out = {}
+    last = max(counts, default=-1)
+    for epoch, counter in sorted(counts.items()):
+        span = max(counter) + 1
+        missing = 0 if epoch == last else span - len(counter)  # the last epoch may be partial
+        out[epoch] = {"samples": sum(counter.values()), "distinct": len(counter),
+                      "duplicates": sum(c - 1 for c in counter.values()), "missing": missing}
+    return out
+
+
+def _checkpoints(run_url: str, endpoint_url: str) -> dict:
+    catalog = CheckpointCatalog(f"{run_url.rstrip('/')}/checkpoints", endpoint_url)
+    committed, torn = catalog.scan()
+    bad = {m.directory: problems for m in committed
+           if (problems := find_problems(catalog.fs, catalog.directory(m.directory), m))}
+    return {"committed": len(committed), "torn": len(torn), "unloadable": len(bad), "problems": bad}
+
+
+def format_report(report: dict) -> str:
+    lines = [f"run {report['run']}: {'finished' if report['finished'] else 'not finished'}, "
+             f"{report['interruptions']} interruption(s), {report['steps_lost']} step(s) lost"]
+    for leg in report["legs"]:
+        lines.append(f"  leg {leg['leg']}: {leg['world_size']} rank(s), steps {leg['from_step']}->{leg['last_step']}, "
+                     f"{leg['ended']}, lost {leg['lost_steps']}")
+    for epoch, entry in report["coverage"].items():
+        verdict = "exactly once" if not entry["duplicates"] and not entry["missing"] else "BROKEN"
+        lines.append(f"  epoch {epoch}: {entry['samples']} samples, {entry['duplicates']} repeated, "
+                     f"{entry['missing']} missing: {verdict}")
+    ck = report["checkpoints"]
+    lines.append(f"  checkpoints: {ck['committed']} committed, {ck['unloadable']} unloadable, {ck['torn']} torn")
+    for name, problems in ck["problems"].items():
+        lines.append(f"    {name}: {'; '.join(problems)}")
+    lines.append("OK" if report["ok"] else "PROBLEMS FOUND")
+    return "\n".join(lines)
