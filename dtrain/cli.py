@@ -5,6 +5,8 @@
     dtrain verify RUN [STEP]                check checkpoints against their manifests
     dtrain export RUN --out PATH [--step latest|best|N] [--format pt|safetensors] [--separate]
     dtrain report RUN [--json]              interruptions, steps lost, per-epoch sample coverage
+    dtrain plot RUN --out curves.png        loss and validation curves, resumes and kills marked
+    dtrain evaluate RUN|EXPORT [--step best] [--visualize examples.png]
 """
 from __future__ import annotations
 
@@ -99,6 +101,21 @@ def report(args) -> int:
     return 0 if result["ok"] else 1
 
 
+def plot(args) -> int:
+    from .plots import plot_run
+    print(f"wrote {plot_run(args.run, args.out)}")
+    return 0
+
+
+def evaluate(args) -> int:
+    from .inference import ModelManager
+    manager = ModelManager.load(args.run, which=args.step)
+    print(json.dumps(manager.evaluate(args.num_samples), indent=2))
+    if args.visualize:
+        print(f"wrote {manager.visualize(args.visualize)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtrain", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -106,14 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name, function, text in (("inspect", inspect, "list a run's checkpoints, or one's tensors"),
                                  ("verify", verify, "check checkpoints against their manifests"),
                                  ("export", export, "write a consolidated model for inference"),
-                                 ("report", report, "interruptions, lost steps, sample coverage, checkpoints")):
+                                 ("report", report, "interruptions, lost steps, sample coverage, checkpoints"),
+                                 ("plot", plot, "loss and validation curves to PNG, resumes marked"),
+                                 ("evaluate", evaluate, "a checkpoint or export against k-means and the set mean")):
         sub = commands.add_parser(name, help=text, description=text)
         sub.set_defaults(function=function)
-        sub.add_argument("run", metavar="RUN", help="run directory (path or URL)")
+        sub.add_argument("run", metavar="RUN", help="run directory (path or URL); evaluate also takes an export")
         sub.add_argument("--endpoint-url", default="", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     commands.choices["inspect"].add_argument("--step", help="latest, best or a step: list its tensors")
     commands.choices["verify"].add_argument("step", nargs="?", help="latest, best or a step (default: all)")
     commands.choices["report"].add_argument("--json", action="store_true", help="machine-readable output")
+    commands.choices["plot"].add_argument("--out", required=True, help="PNG file to write")
+    evaluator = commands.choices["evaluate"]
+    evaluator.add_argument("--step", default="latest", help="latest, best or a step (runs only)")
+    evaluator.add_argument("--num-samples", type=int, default=1000)
+    evaluator.add_argument("--visualize", metavar="PNG", help="also draw a few examples to this PNG")
     exporter = commands.choices["export"]
     exporter.add_argument("--step", default="latest", help="latest, best or a step (default: latest)")
     exporter.add_argument("--out", required=True, help="output file, or directory with --separate")

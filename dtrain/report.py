@@ -44,7 +44,8 @@ def check_run(run_url: str, endpoint_url: str = "") -> dict:
         completed = max([r["step"] for r in train if r["leg"] == start["leg"]], default=start["step"])
         how = ("finished" if ending and ending["event"] == "end" else
                f"stopped ({ending.get('reason', 'asked')})" if ending else "killed")
-        legs.append({"leg": start["leg"], "from_step": start["step"], "world_size": start["world_size"],
+        legs.append({"leg": start["leg"], "started": start["time"], "from_step": start["step"],
+                     "world_size": start["world_size"],
                      "last_step": completed, "ended": how,
                      "lost_steps": max(completed - following["step"], 0) if following else 0})
     report = {"run": run_url, "legs": legs, "finished": bool(legs) and legs[-1]["ended"] == "finished",

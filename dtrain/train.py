@@ -1,10 +1,11 @@
 """``python -m dtrain.train`` / ``torchrun ... -m dtrain.train``: train or continue one run.
 
 Pointed at a run directory that already holds a run, it continues from the
-newest committed checkpoint, with the run's stored configuration plus whatever
-the command line changes. Exit codes: 0 done (or already finished, or stopped at --stop-at-step), 1 crashed,
-2 bad configuration or no usable checkpoint (nothing written), 75 stopped on a
-signal with a committed checkpoint (start again to continue).
+newest committed checkpoint, with the run's configuration (as of that
+checkpoint) plus whatever the command line changes. Exit codes: 0 done (or
+already finished, or stopped at --stop-at-step), 1 crashed, 2 bad configuration
+or no usable checkpoint (nothing written), 75 stopped on a signal with a
+committed checkpoint (start again to continue).
 """
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import os
 import sys
 import traceback
 
-from .checkpoint import CheckpointError
+import torch.distributed as dist
+
+from .checkpoint import CheckpointError, Manifest
+from .checkpoint.catalog import CheckpointCatalog
 from .config import ConfigError, ExperimentConfig, Settings, all_keys, build_parser, parse_args, validate
 from .dist import broadcast_from_main, init_distributed, shutdown
 from .preempt import EXIT_PREEMPTED
@@ -26,12 +30,25 @@ DESCRIPTION = """Train a cluster-prediction transformer on Gaussian mixtures wit
 Options are --preset, --config FILE, --run-dir, --resume, and any --SECTION.KEY=VALUE
 below (precedence: preset < config file < command line). In a run directory that
 already holds a run, training continues from its newest committed checkpoint with
-the run's stored configuration, changed only by the options given.
+the run's configuration, changed only by the options given.
 Run under torchrun for several ranks: torchrun --nproc_per_node=N -m dtrain.train ..."""
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG = 0, 1, 2
 # Keys a checkpoint cannot follow: they change the shapes of the saved tensors.
 SHAPE_KEYS = ("model.width", "model.layers", "model.heads", "model.mlp_ratio", "data.dim")
+
+
+def stored_config(run_url: str) -> tuple[ExperimentConfig, Manifest | None]:
+    """A run's configuration as of its newest committed checkpoint (so changes made on
+    earlier resumes persist), or config.json before the first; and that manifest."""
+    run = RunDirectory(run_url)
+    if not run.exists("config.json"):
+        raise ConfigError(f"{run_url} holds no dtrain run (no config.json); check the path")
+    first = ExperimentConfig.from_dict(json.loads(run.read_text("config.json")), source="config.json")
+    committed, _ = CheckpointCatalog(f"{run.url}/checkpoints", first.checkpoint.endpoint_url).scan()
+    if committed and committed[-1].config:
+        return ExperimentConfig.from_dict(committed[-1].config, source=committed[-1].directory), committed[-1]
+    return first, committed[-1] if committed else None
 
 
 def plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: int) -> dict:
@@ -57,7 +74,7 @@ def _plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: in
     if resume == "never":
         return {"problem": f"run directory {run.url} already holds a run; pass a new --run-dir, "
                            "or drop --resume=never to continue it"}
-    stored = ExperimentConfig.from_dict(json.loads(run.read_text("config.json")), source="config.json")
+    stored, _ = stored_config(run.url)
     if settings.preset and settings.preset != stored.preset_name:
         return {"problem": f"--preset {settings.preset} differs from the run's preset "
                            f"{stored.preset_name}; omit --preset to continue the run, or pass a new --run-dir"}
@@ -76,9 +93,13 @@ def _plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: in
     return {"config": new, "changed": changed}
 
 
-def train(settings: Settings, run_dir: str, resume: str = "latest", prog: str = "dtrain",
-          stop_at_step: int | None = None) -> int:
-    """Train (or continue) ``run_dir`` on this process's group; returns an exit code."""
+def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_at_step: int | None = None,
+                 prog: str = "dtrain") -> Trainer:
+    """Train (or continue) ``run_dir`` on this process's group, the CLI's and the API's one path.
+
+    Raises ConfigError / CheckpointError (after an orderly teardown: every rank
+    reaches the same verdict) and whatever training raised.
+    """
     ctx = init_distributed(settings.resolve().train.device)
     try:
         run = RunDirectory(run_dir)
@@ -88,36 +109,60 @@ def train(settings: Settings, run_dir: str, resume: str = "latest", prog: str = 
         config = ExperimentConfig.from_dict(plan["config"])
         trainer = Trainer(config, ctx, run)
         manifest = trainer.restore("latest" if resume == "never" else resume)
-        if manifest is not None and ctx.is_main:
-            print(f"{prog}: resuming from {manifest.directory} (step {manifest.step}, saved on "
-                  f"{manifest.world_size} ranks) on {ctx.world_size} ranks", flush=True)
-            if plan["changed"]:
+        say = print if ctx.is_main else (lambda *a, **k: None)
+        if manifest is not None:
+            say(f"{prog}: resuming from {manifest.directory} (step {manifest.step}, saved on "
+                f"{manifest.world_size} ranks) on {ctx.world_size} ranks", flush=True)
+            if plan["changed"] and ctx.is_main:
                 run.event("config_changed", step=trainer.step, changed=plan["changed"])
         if stop_at_step is not None and trainer.step >= stop_at_step:
-            if ctx.is_main:
-                print(f"{prog}: run {run.url} is at step {trainer.step}, past --stop-at-step "
-                      f"{stop_at_step}; nothing to do", flush=True)
+            say(f"{prog}: run {run.url} is at step {trainer.step}, past --stop-at-step "
+                f"{stop_at_step}; nothing to do", flush=True)
         elif trainer.finished:
-            if ctx.is_main:
-                print(f"{prog}: run {run.url} already finished at step {trainer.step} "
-                      f"({trainer.samples_seen} samples); nothing to do", flush=True)
+            say(f"{prog}: run {run.url} already finished at step {trainer.step} "
+                f"({trainer.samples_seen} samples); nothing to do", flush=True)
         else:
             trainer.fit(stop_at_step)
             if trainer.stopped_by_signal:
-                if ctx.is_main:
-                    print(f"{prog}: stopped at step {trainer.step} on {trainer.stopped_by_signal}, "
-                          f"checkpoint committed; start the same run again to continue "
-                          f"(exit {EXIT_PREEMPTED})", flush=True)
-                shutdown(ctx)
-                return EXIT_PREEMPTED
-            if not trainer.finished and ctx.is_main:
-                print(f"{prog}: stopped at step {trainer.step} as asked, checkpoint committed; "
-                      "start the same run again to continue", flush=True)
-    except (ConfigError, CheckpointError) as error:
-        # Every rank reaches the same verdict (decided on rank 0 or collectively): stop in order.
-        if ctx.is_main:
-            print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+                say(f"{prog}: stopped at step {trainer.step} on {trainer.stopped_by_signal}, checkpoint "
+                    f"committed; start the same run again to continue (exit {EXIT_PREEMPTED})", flush=True)
+            elif not trainer.finished:
+                say(f"{prog}: stopped at step {trainer.step} as asked, checkpoint committed; "
+                    "start the same run again to continue", flush=True)
+    except (ConfigError, CheckpointError):
         shutdown(ctx)
+        raise
+    except BaseException:
+        if ctx.owns_group and ctx.world_size == 1:  # nobody to wait for: leave the process usable
+            dist.destroy_process_group()
+        raise
+    shutdown(ctx)
+    return trainer
+
+
+def tag_checkpoint(run_dir: str, which: str, tag: str) -> str:
+    """Commit a copy of checkpoint ``which`` tagged ``tag``; retention keeps tagged copies."""
+    config, _ = stored_config(run_dir)
+    ctx = init_distributed(config.train.device)
+    try:
+        trainer = Trainer(config, ctx, RunDirectory(run_dir))
+        if trainer.restore(which) is None:
+            raise CheckpointError(f"no committed checkpoint {which!r} in {run_dir} to tag")
+        trainer.save([tag], blocking=True)
+        trainer.checkpoints.close()
+        return trainer.checkpoints.last_directory
+    finally:
+        shutdown(ctx)
+
+
+def train(settings: Settings, run_dir: str, resume: str = "latest", prog: str = "dtrain",
+          stop_at_step: int | None = None) -> int:
+    """The command line's wrapper: exit codes and one-line errors instead of exceptions."""
+    try:
+        trainer = run_training(settings, run_dir, resume, stop_at_step, prog)
+    except (ConfigError, CheckpointError) as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     except BaseException:
         # Peers may be gone: no barrier, no teardown; report and leave at once.
@@ -125,18 +170,13 @@ def train(settings: Settings, run_dir: str, resume: str = "latest", prog: str = 
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_CRASH)
-    shutdown(ctx)
-    return EXIT_OK
+    return EXIT_PREEMPTED if trainer.stopped_by_signal else EXIT_OK
 
 
 def main(argv=None, prog: str = "python -m dtrain.train") -> int:
     parser = build_parser(prog, DESCRIPTION)
     args, settings = parse_args(parser, argv)
-    try:
-        return train(settings, args.run_dir, args.resume, prog, args.stop_at_step)
-    except ConfigError as error:  # raised before a process group exists
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+    return train(settings, args.run_dir, args.resume, prog, args.stop_at_step)
 
 
 if __name__ == "__main__":

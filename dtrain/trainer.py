@@ -161,6 +161,7 @@ class Trainer:
                 "global_batch_size": self.config.train.global_batch_size,
                 "micro_batch_size": self.micro_batch,
                 "config_fingerprint": self.config.fingerprint(),
+                "config": self.config.to_dict(),
                 "metrics": self.metrics}
         self.checkpoints.save(self.state(), self.step, tags, info, blocking=blocking)
         self._last_saved_step = self.step

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from .manifest import MANIFEST, Manifest, parse_step_directory, step_directory
+from .manifest import AUTOMATIC_TAGS, MANIFEST, Manifest, parse_step_directory, step_directory
 from .storage import filesystem, is_remote
 
 
@@ -73,7 +73,7 @@ class CheckpointCatalog:
         """Delete what the rule does not keep, and torn leftovers; rank 0, after a commit.
 
         Kept: the newest ``keep_last`` committed, the newest ``best``, every step that is
-        a multiple of ``keep_every``. No save is in flight here, so every directory
+        a multiple of ``keep_every``, and any checkpoint with a tag of the user's. No save is in flight here, so every directory
         without a manifest is a leftover of a crash.
         """
         committed, torn = self.scan()
@@ -87,6 +87,7 @@ class CheckpointCatalog:
         best = [m for m in committed if "best" in m.tags]
         if best:
             keep.add(best[-1].directory)
+        keep |= {m.directory for m in committed if set(m.tags) - AUTOMATIC_TAGS}  # pinned by the user
         if self.keep_every:
             keep |= {m.directory for m in committed if m.step % self.keep_every == 0}
         doomed = [m.directory for m in committed if m.directory not in keep] + torn

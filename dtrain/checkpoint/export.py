@@ -119,3 +119,16 @@ def load_model(source: str, which: str = "latest", config: ExperimentConfig | No
     model = build_model(config.model, config.data.dim)
     model.load_state_dict(weights)
     return model.eval(), config
+
+
+def load_separate(directory: str, model: ClusterTransformer, optimizer: torch.optim.Optimizer) -> dict:
+    """Fill a fresh model and optimizer from ``export --separate`` files; returns the header.
+
+    ``optimizer.pt`` is keyed by parameter names (as ``get_state_dict`` writes it), so it
+    loads into any optimizer built over the same model, whatever order it lists parameters in.
+    """
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    weights = torch.load(Path(directory, "model.pt"), map_location="cpu", weights_only=True)
+    optim = torch.load(Path(directory, "optimizer.pt"), map_location="cpu", weights_only=True)
+    set_state_dict(model, optimizer, model_state_dict=weights["model"], optim_state_dict=optim["optimizer"])
+    return {k: v for k, v in weights.items() if k != "model"}

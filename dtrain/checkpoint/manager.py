@@ -48,6 +48,7 @@ class CheckpointManager:
         self.events = events  # callable(kind, **fields) on rank 0, or None
         self._pending: PendingSave | None = None
         self.last_blocked_s = 0.0
+        self.last_directory = ""  # of the newest save this manager made
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtrain-checksum")
         # Background saves get their own gloo group: sharing the training group with
         # FSDP's collectives hung or aborted with "collective mismatch" (DCP-NOTES.md).
@@ -63,6 +64,7 @@ class CheckpointManager:
         self.wait()  # at most one save in flight
         name = broadcast_from_main(self.ctx, self.catalog.new_directory(step) if self.ctx.is_main else None)
         url = f"{self.url}/{name}"
+        self.last_directory = name
         started = time.perf_counter()
         background = self.async_save and not blocking
         if background:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from .storage import sha256_of
 
 MANIFEST = "manifest.json"
+# Tags the trainer sets; any other tag is the user's and pins the checkpoint against retention.
+AUTOMATIC_TAGS = {"best", "final", "preempted"}
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d{8,})(?:_(\d+))?$")
 
@@ -39,6 +41,7 @@ class Manifest:
     files: dict[str, dict]  # name -> {"size": int, "sha256": str}
     metrics: dict = field(default_factory=dict)
     save: dict = field(default_factory=dict)  # mode, blocked_s, total_s
+    config: dict = field(default_factory=dict)  # the run's configuration at this step
     created: float = 0.0
     format: int = FORMAT
     directory: str = ""  # filled in when read; not stored

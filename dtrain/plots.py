@@ -1,0 +1,45 @@
+"""Loss and validation curves of a run, from metrics.jsonl, with resumes and interruptions marked."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .report import check_run
+from .runlog import RunDirectory
+
+
+def plot_run(run_url: str, path: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = RunDirectory(run_url)
+    metrics = run.read_jsonl("metrics.jsonl")
+    train = [r for r in metrics if r["kind"] == "train"]
+    evals = [r for r in metrics if r["kind"] == "eval"]
+    report = check_run(run_url)
+    figure, ax = plt.subplots(figsize=(9, 5))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.7, label="training loss (MSE)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_mse"] for r in evals], "o-", ms=3, label="validation MSE")
+        ax.axhline(evals[-1]["kmeans_mse"], color="green", ls=":", label="k-means (true K), validation")
+        ax.axhline(evals[-1]["trivial_mse"], color="gray", ls=":", label="set mean, validation")
+    for i, leg in enumerate(report["legs"]):
+        if i:
+            ax.axvline(leg["from_step"], color="tab:blue", ls="--", lw=1,
+                       label="resume" if i == 1 else None)
+        if leg["ended"] != "finished" and i + 1 < len(report["legs"]):
+            style = {"color": "tab:red"} if leg["ended"] == "killed" else {"color": "tab:orange"}
+            ax.axvline(leg["last_step"], lw=1.5, **style,
+                       label=f"{'kill' if leg['ended'] == 'killed' else 'preemption (saved)'}")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mean squared error")
+    ax.set_title(f"{run_url}: {report['interruptions']} interruption(s), {report['steps_lost']} step(s) lost")
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return Path(path)
