@@ -28,7 +28,7 @@ def plot_run(run_url: str, path: str) -> Path:
             ax.axvline(leg["from_step"], color="tab:blue", ls="--", lw=1,
                        label="resume" if i == 1 else None)
         if leg["ended"] != "finished" and i + 1 < len(report["legs"]):
-            style = {"color": "tab:red"} if leg["ended"] == "killed" else {"color": "tab:orange"}
+            style = {"color": "tab:red", "ls": "-."} if leg["ended"] == "killed" else {"color": "tab:purple"}
             ax.axvline(leg["last_step"], lw=1.5, **style,
                        label=f"{'kill' if leg['ended'] == 'killed' else 'preemption (saved)'}")
     handles, labels = ax.get_legend_handles_labels()

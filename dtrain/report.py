@@ -41,7 +41,9 @@ def check_run(run_url: str, endpoint_url: str = "") -> dict:
         following = starts[i + 1] if i + 1 < len(starts) else None
         ending = next((e for e in later if e["event"] in ("end", "stop") and
                        (following is None or e["time"] <= following["time"])), None)
-        completed = max([r["step"] for r in train if r["leg"] == start["leg"]], default=start["step"])
+        # Train lines come every log_interval steps: for a killed leg this is a lower bound.
+        completed = max([r["step"] for r in train if r["leg"] == start["leg"]] +
+                        [ending["step"] if ending else start["step"]])
         how = ("finished" if ending and ending["event"] == "end" else
                f"stopped ({ending.get('reason', 'asked')})" if ending else "killed")
         legs.append({"leg": start["leg"], "started": start["time"], "from_step": start["step"],
