@@ -49,7 +49,16 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 600) ->
     owns_group = not dist.is_initialized()
     if owns_group:
         timeout = datetime.timedelta(seconds=timeout_s)
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            # Under torchrun, each restart of the group gets its own keys on the agent's store:
+            # seen here, a restarted rank read a gloo address left by a killed one and hung.
+            store = dist.PrefixStore(
+                f"dtrain/restart_{os.environ['TORCHELASTIC_RESTART_COUNT']}/",
+                dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout))
+            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend, timeout=timeout)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,

@@ -1,5 +1,4 @@
 """Save on W ranks, load on W' ranks: model and AdamW state match exactly (local disk and S3)."""
-import pytest
 import torch
 
 from conftest import torchrun_script

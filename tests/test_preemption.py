@@ -70,17 +70,23 @@ def test_sigkill_under_max_restarts_resumes_and_sees_every_sample_once(tmp_path)
     run_dir = tmp_path / "run"
     agent = start([*JOB, "--run-dir", str(run_dir), "--train.num_epochs=20"],
                   ["--nnodes=1:2", "--nproc_per_node=2", "--max-restarts=3", "--rdzv-backend=c10d",
-                   f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=chaos-test"])
+                   f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=chaos-test",
+                   "--rdzv-conf=last_call_timeout=1"])  # do not wait 30 s for a second node
     wait_for(lambda: any((run_dir / "checkpoints").glob("step_*/manifest.json")))
     wait_for(lambda: len(train_steps(run_dir)) >= 8)
     os.kill(workers(agent)[0], signal.SIGKILL)
-    output, _ = agent.communicate(timeout=300)
+    try:
+        output, _ = agent.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(agent.pid, signal.SIGKILL)
+        output, _ = agent.communicate()
+        raise AssertionError("the restarted job did not finish:\n" + output[-6000:])
     assert agent.returncode == 0, output[-3000:]
     events = [e["event"] for e in read_jsonl(run_dir / "events.jsonl")]
     assert events.count("resume") == 1 and events[-1] == "end"
     report = check_run(str(run_dir))
     assert report["finished"] and report["interruptions"] == 1
-    assert 0 < report["steps_lost"] <= 5  # at most the save interval
+    assert report["steps_lost"] <= 5  # at most the save interval (0 if the kill followed a commit)
     assert len(report["coverage"]) >= 20 and report["ok"], report["coverage"]
 
 
