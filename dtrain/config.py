@@ -126,14 +126,8 @@ class ExperimentConfig:
     def from_dict(cls, values: dict, source: str = "config") -> "ExperimentConfig":
         """A config from ``{"preset": NAME, "model": {...}, ...}``, e.g. a run's config.json."""
         config = cls.preset(values.get("preset", "small"))
-        for section, entries in values.items():
-            if section == "preset":
-                continue
-            if section not in SECTIONS or not isinstance(entries, dict):
-                raise ConfigError(f"unknown section {section!r} in {source}; sections are "
-                                  f"{', '.join(SECTIONS)}")
-            for key, value in entries.items():
-                config.set(f"{section}.{key}", value, source)
+        for dotted, value in dotted_items(values, source).items():
+            config.set(dotted, value, source)
         return config
 
     def set(self, dotted: str, value, source: str = "config") -> None:
@@ -175,6 +169,18 @@ PRESETS: dict[str, dict] = {
               "data": {"points": 512, "train_samples": 4_000_000},
               "train": {"global_batch_size": 256, "lr": 2e-4}},
 }
+
+
+def dotted_items(values: dict, source: str) -> dict:
+    """``{"section.key": value}`` of a ``{"preset": ..., "section": {key: value}}`` dict."""
+    out = {}
+    for section, entries in values.items():
+        if section == "preset":
+            continue
+        if section not in SECTIONS or not isinstance(entries, dict):
+            raise ConfigError(f"unknown section {section!r} in {source}; sections are {', '.join(SECTIONS)}")
+        out.update({f"{section}.{key}": value for key, value in entries.items()})
+    return out
 
 
 def all_keys() -> list[str]:
@@ -353,15 +359,8 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Nam
         if args.config:
             file = load_file(args.config)
             settings.preset = file.get("preset")
-            for section, entries in file.items():
-                if section == "preset":
-                    continue
-                if section not in SECTIONS or not isinstance(entries, dict):
-                    raise ConfigError(f"unknown section {section!r} in {args.config}; sections are "
-                                      f"{', '.join(SECTIONS)}")
-                for key, value in entries.items():
-                    settings.values[f"{section}.{key}"] = value
-                    settings.sources[f"{section}.{key}"] = args.config
+            settings.values = dotted_items(file, args.config)
+            settings.sources = dict.fromkeys(settings.values, args.config)
         settings.preset = args.preset or settings.preset
         for key in all_keys():
             if hasattr(args, key):
