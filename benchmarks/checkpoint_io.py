@@ -102,7 +102,7 @@ def worker(args) -> None:
             start = time.perf_counter()
             trainer.save([], blocking=True)
             record("dcp_sync_save_committed", time.perf_counter() - start)
-            record("dcp_sync_save_blocked", trainer.checkpoints_last_blocked())
+            record("dcp_sync_save_blocked", trainer.checkpoints.last_blocked_s)
             trainer.step += 1
         # torch.save / torch.load of the same full state on rank 0 (gathered first, not timed).
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -126,7 +126,7 @@ def worker(args) -> None:
             record("step_alone", timed(trainer.train_step))
         for _ in range(ROUNDS):
             trainer.save([], blocking=False)
-            record("dcp_async_save_blocked", trainer.checkpoints_last_blocked())
+            record("dcp_async_save_blocked", trainer.checkpoints.last_blocked_s)
             while trainer.checkpoints._pending is not None:
                 record("step_during_async_save", timed(trainer.train_step))
                 trainer.checkpoints.poll()

@@ -166,10 +166,6 @@ class Trainer:
         self.checkpoints.save(self.state(), self.step, tags, info, blocking=blocking)
         self._last_saved_step = self.step
 
-    def checkpoints_last_blocked(self) -> float:
-        """Seconds the last save blocked training (staging for async, everything for sync)."""
-        return self.checkpoints.last_blocked_s
-
     def _save_reasons(self, epoch_before: int, last_save: float) -> bool:
         """Whether an interval (steps, epochs or seconds) asks for a save after this step."""
         ck = self.config.checkpoint
