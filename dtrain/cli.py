@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
-        return train.main(argv[1:], prog="dtrain train")
+        train.exit_now(train.main(argv[1:], prog="dtrain train"))
     args = build_parser().parse_args(argv)
     if args.command is None:
         build_parser().print_help()

@@ -179,5 +179,14 @@ def main(argv=None, prog: str = "python -m dtrain.train") -> int:
     return train(settings, args.run_dir, args.resume, prog, args.stop_at_step)
 
 
+def exit_now(code: int) -> None:
+    """End the process without interpreter teardown: a gloo worker thread that frees
+    tensors during Python's shutdown aborts it ("terminate called without an active
+    exception"), even after barrier and destroy (shared/DCP-NOTES.md: os._exit 0/15)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
