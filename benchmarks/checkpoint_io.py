@@ -59,7 +59,7 @@ def worker(args) -> None:
 
     from dtrain.config import ExperimentConfig
     from dtrain.dist import init_distributed, shutdown
-    from dtrain.runlog import RunDirectory
+    from dtrain.rundir import RunDirectory
     from dtrain.trainer import Trainer
 
     ctx = init_distributed("cpu")
@@ -84,11 +84,10 @@ def worker(args) -> None:
     if args.worker == "load":
         reference = f"{args.out}/run/checkpoints"
         name = sorted(p.name for p in Path(reference).iterdir())[-1]
-        from dtrain.checkpoint.storage import reader
         for _ in range(ROUNDS):
             drop_page_cache()
             record(f"dcp_load_w{ctx.world_size}", timed(lambda: dcp.load(
-                trainer.state(), storage_reader=reader(f"{reference}/{name}"))))
+                trainer.state(), storage_reader=run.storage.reader(f"{reference}/{name}"))))
     else:
         trainer.train_step()  # creates AdamW's state
         tensors = list(trainer.model.parameters()) + [

@@ -25,9 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from dtrain.checkpoint.catalog import CheckpointCatalog
 from dtrain.report import check_run
-from dtrain.runlog import RunDirectory
+from dtrain.rundir import METRICS, RunDirectory
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
 
@@ -50,10 +49,11 @@ def run_mode(save_on_signal: bool, args) -> dict:
             agent.wait()
         launches.append(started)
         spent += time.time() - started
-    report = check_run(run_dir)
-    committed = CheckpointCatalog(f"{run_dir}/checkpoints").scan()[0]
+    run = RunDirectory(run_dir)
+    report = check_run(run)
+    committed = run.catalog().scan().committed
     survived = committed[-1].step if committed else 0
-    train = [r for r in RunDirectory(run_dir).read_jsonl("metrics.jsonl") if r["kind"] == "train"]
+    train = [r for r in run.read_jsonl(METRICS) if r["kind"] == "train"]
     step_time = statistics.median(64 / r["samples_per_s"] for r in train)
     legs = report["legs"]
     lost = [leg["lost_steps"] for leg in legs[:-1]] + [max(legs[-1]["last_step"] - survived, 0)]

@@ -10,13 +10,14 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import signal
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line naming the key and the fix."""
+from .errors import ConfigError
 
 
 def opt(default, help: str):
@@ -91,7 +92,12 @@ class CheckpointConfig:
     async_save: bool = opt(False, "write interval saves in the background (final saves stay synchronous)")
     verify: bool = opt(True, "check every file's SHA-256 before loading (sizes are always checked)")
     save_best: bool = opt(True, "save when validation MSE reaches a new best (tagged best)")
-    endpoint_url: str = opt("", "S3 endpoint URL; empty: AWS_ENDPOINT_URL and the usual AWS configuration")
+    endpoint_url: str = opt("", "S3 endpoint URL for every file of the run; empty: AWS_ENDPOINT_URL and the "
+                                "usual AWS configuration")
+    storage_timeout: float = opt(20.0, "seconds one storage request (S3) may take before it is retried")
+    storage_retries: int = opt(3, "attempts per storage request (S3) before the job stops with an error")
+    lease_seconds: float = opt(60.0, "the run directory's lease expires this long after its holder stops "
+                                     "renewing it (a second job is refused while it is held)")
     save_on_signal: bool = opt(True, "on a stop signal, all ranks save at the next step boundary and exit 75")
     stop_signals: str = opt("SIGTERM,SIGUSR1", "signals that ask the job to save and stop")
     grace_seconds: float = opt(0.0, "after a stop signal, exit at once if not done within this many "
@@ -101,6 +107,7 @@ class CheckpointConfig:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
             "checkpoint": CheckpointConfig}
 SCHEDULES = ("constant", "linear", "cosine", "step", "warmup_decay")
+RESUME_CHOICES = ("latest", "best", "never", "restart")
 
 
 @dataclass
@@ -125,7 +132,10 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "ExperimentConfig":
         """A config from ``{"preset": NAME, "model": {...}, ...}``, e.g. a run's config.json."""
-        config = cls.preset(values.get("preset", "small"))
+        preset = values.get("preset", "small")
+        if not isinstance(preset, str):
+            raise ConfigError(f"preset {preset!r} in {source} is not a name; choose one of {', '.join(PRESETS)}")
+        config = cls.preset(preset)
         for dotted, value in dotted_items(values, source).items():
             config.set(dotted, value, source)
         return config
@@ -139,7 +149,7 @@ class ExperimentConfig:
         kind = type(getattr(SECTIONS[section](), key))
         try:
             setattr(target, key, _convert(kind, value))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{dotted}={value!r} in {source}: expected {kind.__name__}") from None
 
     def to_dict(self) -> dict:
@@ -177,8 +187,11 @@ def dotted_items(values: dict, source: str) -> dict:
     for section, entries in values.items():
         if section == "preset":
             continue
-        if section not in SECTIONS or not isinstance(entries, dict):
+        if section not in SECTIONS:
             raise ConfigError(f"unknown section {section!r} in {source}; sections are {', '.join(SECTIONS)}")
+        if not isinstance(entries, dict):
+            raise ConfigError(f"section {section!r} in {source} is a {type(entries).__name__}; "
+                              f"it must be a table of keys, e.g. [{section}]")
         out.update({f"{section}.{key}": value for key, value in entries.items()})
     return out
 
@@ -193,6 +206,8 @@ def _suggest(key: str, candidates: list[str]) -> str:
 
 
 def _convert(kind: type, value):
+    if not isinstance(value, (str, int, float, bool)):
+        raise TypeError(value)
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -204,6 +219,10 @@ def _convert(kind: type, value):
         raise ValueError(value)
     if kind is int and isinstance(value, float) and not value.is_integer():
         raise ValueError(value)
+    if kind in (int, float) and isinstance(value, bool):
+        raise TypeError(value)  # true is not a number
+    if kind is str and not isinstance(value, str):
+        raise TypeError(value)
     if kind is int and isinstance(value, str):
         return int(float(value)) if "e" in value.lower() else int(value)  # 1e5 is an int
     return kind(value)
@@ -214,17 +233,29 @@ def load_file(path: str) -> dict:
     if not file.is_file():
         raise ConfigError(f"config file {path!r} does not exist; pass an existing TOML or JSON file")
     try:
-        if file.suffix == ".json":
-            return json.loads(file.read_text())
-        return tomllib.loads(file.read_text())
-    except (ValueError, tomllib.TOMLDecodeError) as error:
-        raise ConfigError(f"config file {path!r} is not valid {file.suffix or 'TOML'}: "
+        text = file.read_text()
+        values = json.loads(text) if file.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path!r} is not valid {'JSON' if file.suffix == '.json' else 'TOML'}: "
                           f"{str(error).splitlines()[0]}") from None
+    except OSError as error:
+        raise ConfigError(f"config file {path!r} cannot be read: {error.strerror}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path!r} holds a {type(values).__name__}; it must hold sections "
+                          "such as [train] (TOML) or {\"train\": {...}} (JSON)")
+    if "preset" in values and values["preset"] not in PRESETS:
+        raise ConfigError(f"config file {path!r}: preset {values['preset']!r} is unknown; "
+                          f"choose one of {', '.join(PRESETS)}")
+    return values
 
 
 def validate(config: ExperimentConfig, world_size: int | None = None) -> None:
     """Raise ``ConfigError`` for the first value that cannot work."""
-    m, d, t = config.model, config.data, config.train
+    m, d, t, ck = config.model, config.data, config.train, config.checkpoint
+    for section in SECTIONS:
+        for key, value in dataclasses.asdict(getattr(config, section)).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{section}.{key}={value} is not a finite number")
     positive = {"model.width": m.width, "model.layers": m.layers, "model.heads": m.heads,
                 "model.mlp_ratio": m.mlp_ratio, "data.dim": d.dim, "data.points": d.points,
                 "data.min_components": d.min_components, "data.train_samples": d.train_samples,
@@ -279,8 +310,39 @@ def validate(config: ExperimentConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"--train.device={t.device!r} is unknown; use auto, cpu or cuda")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--train.precision={t.precision!r} is unknown; use auto, fp32 or bf16")
+    stop_signals(ck.stop_signals)
+    if ck.storage_timeout <= 0 or ck.storage_retries < 1 or ck.lease_seconds < 3:
+        raise ConfigError("--checkpoint.storage_timeout must be positive, --checkpoint.storage_retries at "
+                          "least 1 and --checkpoint.lease_seconds at least 3")
+    if ck.endpoint_url:
+        parts = urllib.parse.urlsplit(ck.endpoint_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"--checkpoint.endpoint_url={ck.endpoint_url!r} is not an http(s) URL; "
+                              "use e.g. https://s3.example.com or http://127.0.0.1:9000")
     if world_size is not None:
         micro_batches(config, world_size)
+
+
+UNCATCHABLE = {"SIGKILL", "SIGSTOP"}
+
+
+def stop_signals(names: str) -> list[signal.Signals]:
+    """The signals named in ``--checkpoint.stop_signals`` (e.g. "SIGTERM,USR1"), checked."""
+    out = []
+    for raw in names.split(","):
+        name = raw.strip().upper()
+        if not name:
+            continue
+        name = name if name.startswith("SIG") else f"SIG{name}"
+        if name in UNCATCHABLE:
+            raise ConfigError(f"--checkpoint.stop_signals: {name} cannot be caught by any process; "
+                              "use SIGTERM, SIGUSR1, SIGUSR2 or SIGINT")
+        number = getattr(signal.Signals, name, None) if name.isidentifier() else None
+        if number is None:
+            raise ConfigError(f"--checkpoint.stop_signals: {raw.strip()!r} is not a signal; "
+                              "use names such as SIGTERM,SIGUSR1")
+        out.append(number)
+    return out
 
 
 def micro_batches(config: ExperimentConfig, world_size: int) -> tuple[int, int]:
@@ -311,10 +373,11 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of [section] keys")
     parser.add_argument("--run-dir", metavar="PATH_OR_URL", default="runs/default",
                         help="where config, metrics, events and checkpoints go (default: runs/default)")
-    parser.add_argument("--resume", default="latest", metavar="latest|best|STEP|never",
+    parser.add_argument("--resume", default="latest", metavar="latest|best|STEP|never|restart",
                         help="in a run directory that holds a run, continue from the newest committed "
-                             "checkpoint (latest), the best one, a step, or refuse (never) "
-                             "(default: latest)")
+                             "checkpoint (latest), the best one, a step, or refuse (never); restart: "
+                             "start from step 0 in a run directory that has no committed checkpoint, "
+                             "leaving what is there untouched (default: latest)")
     parser.add_argument("--stop-at-step", type=int, metavar="N",
                         help="stop after step N, saving a checkpoint, without changing the plan "
                              "(the next start continues); for time-sliced jobs and tests")
@@ -367,8 +430,8 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Nam
                 settings.values[key] = getattr(args, key)
                 settings.sources[key] = "the command line"
         validate(settings.resolve())
-        if args.resume not in ("latest", "best", "never") and not args.resume.isdigit():
-            raise ConfigError(f"--resume={args.resume!r} is not latest, best, never or a step number")
+        if args.resume not in RESUME_CHOICES and not args.resume.isdigit():
+            raise ConfigError(f"--resume={args.resume!r} is not {', '.join(RESUME_CHOICES)} or a step number")
     except ConfigError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return args, settings

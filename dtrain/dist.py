@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from .config import ConfigError
+from .errors import KINDS, ConfigError, DtrainError
 
 
 @dataclass
@@ -72,7 +72,7 @@ def shutdown(ctx: DistContext) -> None:
     """Orderly teardown after success: a barrier first, so no gloo thread outlives Python.
 
     (Destroying without the barrier lets a gloo worker free tensors during
-    interpreter shutdown, which aborts the process; see shared/DCP-NOTES.md.)
+    interpreter shutdown, which aborts the process; see docs/design.md, "Shutdown".)
     On a failure path do not call this: peers may be gone and a barrier would hang.
     """
     if ctx.owns_group and dist.is_initialized():
@@ -85,3 +85,40 @@ def broadcast_from_main(ctx: DistContext, value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _raise_agreed(outcome) -> None:
+    if outcome is not None:
+        kind, message = outcome
+        raise KINDS.get(kind, DtrainError)(message)
+
+
+def on_main(ctx: DistContext, fn):
+    """``fn()`` on rank 0 only (a write only rank 0 makes); its result on every rank.
+
+    An expected failure (``DtrainError``) on rank 0 is raised on every rank, so all
+    of them stop at the same point instead of waiting for rank 0 in a collective.
+    """
+    outcome, result = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except DtrainError as error:
+            outcome = (type(error).__name__, str(error))
+    result, outcome = broadcast_from_main(ctx, (result, outcome))
+    _raise_agreed(outcome)
+    return result
+
+
+def on_every_rank(ctx: DistContext, fn) -> list:
+    """``fn()`` on every rank; every rank's result, gathered. An expected failure on
+    any rank is raised on all of them (the lowest failing rank's message)."""
+    outcome, result = None, None
+    try:
+        result = fn()
+    except DtrainError as error:
+        outcome = (type(error).__name__, str(error))
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, (result, outcome))
+    _raise_agreed(next((o for _, o in gathered if o is not None), None))
+    return [r for r, _ in gathered]

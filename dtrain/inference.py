@@ -25,7 +25,7 @@ class ModelManager:
     def load(cls, source: str, which: str = "latest", config: ExperimentConfig | None = None) -> "ModelManager":
         """From a run directory (``which`` checkpoint), an export (.pt/.safetensors) or a plain state dict."""
         model, config = load_model(str(source), which=which, config=config)
-        return cls(model, config, f"{source}" + (f" ({which})" if Path(source, "config.json").exists() else ""))
+        return cls(model, config, f"{source}" + (f" ({which})" if Path(source).is_dir() else ""))
 
     @torch.no_grad()
     def predict(self, points) -> torch.Tensor:

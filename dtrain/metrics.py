@@ -23,6 +23,9 @@ def wasserstein(predicted, targets) -> np.ndarray:
     out = np.empty(len(predicted))
     for i, (p, t) in enumerate(zip(predicted, targets)):
         cost = cdist(p, t, "sqeuclidean")
+        if not np.isfinite(cost).all():  # a diverged model: no assignment to find
+            out[i] = np.nan
+            continue
         rows, cols = linear_sum_assignment(cost)
         out[i] = np.sqrt(cost[rows, cols].mean())
     return out

@@ -4,19 +4,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from .report import check_run
-from .runlog import RunDirectory
+from .rundir import METRICS, RunDirectory
 
 
-def plot_run(run_url: str, path: str) -> Path:
+def plot_run(run: RunDirectory | str, path: str) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run = RunDirectory(run_url)
-    metrics = run.read_jsonl("metrics.jsonl")
-    train = [r for r in metrics if r["kind"] == "train"]
-    evals = [r for r in metrics if r["kind"] == "eval"]
-    report = check_run(run_url)
+    run = run if isinstance(run, RunDirectory) else RunDirectory(run)
+    metrics = run.read_jsonl(METRICS)
+    train = [r for r in metrics if r.get("kind") == "train"]
+    evals = [r for r in metrics if r.get("kind") == "eval"]
+    report = check_run(run)
     figure, ax = plt.subplots(figsize=(9, 5))
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.7, label="training loss (MSE)")
     if evals:
@@ -37,7 +37,7 @@ def plot_run(run_url: str, path: str) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("mean squared error")
-    ax.set_title(f"{run_url}: {report['interruptions']} interruption(s), {report['steps_lost']} step(s) lost")
+    ax.set_title(f"{run.url}: {report['interruptions']} interruption(s), {report['steps_lost']} step(s) lost")
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

@@ -3,9 +3,10 @@
 SIGTERM (spot/preemptible instances, Kubernetes, torchrun's agent) and SIGUSR1
 (SLURM's ``--signal``) ask the job to stop. A rank that received one says so in
 a one-integer all-reduce at the next step boundary, and every rank then saves
-and exits together (DESIGN invariant 7). A second signal, or the grace deadline,
-ends the process at once: a checkpoint that cannot finish must not hold the
-machine past its notice.
+and exits together (docs/design.md, "Stopping is agreed"). The same integer
+carries a rank's storage failure, so every rank stops on it together. A second
+signal, or the grace deadline, ends the process at once: a checkpoint that
+cannot finish must not hold the machine past its notice.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import threading
 import torch
 import torch.distributed as dist
 
-# sysexits' EX_TEMPFAIL: stopped on request with a committed checkpoint; start again to continue.
-EXIT_PREEMPTED = 75
+from .config import stop_signals
+from .errors import EXIT_PREEMPTED  # noqa: F401  (re-exported: sysexits' EX_TEMPFAIL)
 
 
 class StopRequest:
@@ -26,11 +27,9 @@ class StopRequest:
         self.received: str | None = None
         self.grace_seconds = grace_seconds
         self._previous = {}
-        names = [name.strip().upper() for name in signal_names.split(",") if name.strip()]
         if threading.current_thread() is not threading.main_thread():
             return  # Python delivers signals to the main thread only; nothing to install here
-        for name in names:
-            number = getattr(signal, name if name.startswith("SIG") else f"SIG{name}")
+        for number in stop_signals(signal_names):
             self._previous[number] = signal.signal(number, self._handle)
 
     def _handle(self, number, frame) -> None:
@@ -49,11 +48,12 @@ class StopRequest:
               "exiting without finishing the checkpoint", file=sys.stderr, flush=True)
         os._exit(128 + signal.SIGTERM)
 
-    def agreed(self) -> bool:
-        """Whether any rank was asked to stop (collective: call on every rank, at the same point)."""
-        flag = torch.tensor([1 if self.received else 0])
+    def agree(self, failed: bool = False) -> str | None:
+        """"failure" if any rank failed, "signal" if any was asked to stop, else None
+        (collective: call on every rank, at the same point)."""
+        flag = torch.tensor([2 if failed else 1 if self.received else 0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return {0: None, 1: "signal", 2: "failure"}[int(flag.item())]
 
     def close(self) -> None:
         for number, handler in self._previous.items():

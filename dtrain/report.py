@@ -9,52 +9,38 @@ each sample was consumed by the steps that count (those not rolled back).
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 
-from .checkpoint.catalog import CheckpointCatalog
 from .checkpoint.manifest import find_problems
-from .runlog import RunDirectory
+from .rundir import EVENTS, METRICS, SAMPLES, RunDirectory
 
 
-def _jsonl_lines(run: RunDirectory, name: str) -> list[dict]:
-    """Records of a JSONL file; a line cut short by a killed writer is skipped."""
-    if not run.exists(name):
-        return []
-    out = []
-    for line in run.read_text(name).splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def check_run(run_url: str, endpoint_url: str = "") -> dict:
-    run = RunDirectory(run_url)
-    events = _jsonl_lines(run, "events.jsonl")
-    train = [r for r in _jsonl_lines(run, "metrics.jsonl") if r.get("kind") == "train" and "leg" in r]
+def check_run(run: RunDirectory | str) -> dict:
+    run = run if isinstance(run, RunDirectory) else RunDirectory(run)
+    events = [e for e in run.read_jsonl(EVENTS) if "event" in e]
+    train = [r for r in run.read_jsonl(METRICS) if r.get("kind") == "train" and "leg" in r]
     starts = [e for e in events if e["event"] in ("start", "resume")]
     legs = []
     for i, start in enumerate(starts):
         later = events[events.index(start) + 1:]
         following = starts[i + 1] if i + 1 < len(starts) else None
-        ending = next((e for e in later if e["event"] in ("end", "stop") and
+        ending = next((e for e in later if e["event"] in ("end", "stop", "diverged") and
                        (following is None or e["time"] <= following["time"])), None)
         # Train lines come every log_interval steps: for a killed leg this is a lower bound.
         completed = max([r["step"] for r in train if r["leg"] == start["leg"]] +
                         [ending["step"] if ending else start["step"]])
         how = ("finished" if ending and ending["event"] == "end" else
+               "diverged" if ending and ending["event"] == "diverged" else
                f"stopped ({ending.get('reason', 'asked')})" if ending else "killed")
         legs.append({"leg": start["leg"], "started": start["time"], "from_step": start["step"],
                      "world_size": start["world_size"],
                      "last_step": completed, "ended": how,
                      "lost_steps": max(completed - following["step"], 0) if following else 0})
-    report = {"run": run_url, "legs": legs, "finished": bool(legs) and legs[-1]["ended"] == "finished",
+    report = {"run": run.url, "legs": legs, "finished": bool(legs) and legs[-1]["ended"] == "finished",
               "interruptions": len(legs) - 1 if legs else 0,
               "steps_lost": sum(leg["lost_steps"] for leg in legs)}
     report["coverage"] = _coverage(run, legs)
-    report["checkpoints"] = _checkpoints(run_url, endpoint_url)
+    report["checkpoints"] = _checkpoints(run)
     report["ok"] = (report["checkpoints"]["unloadable"] == 0 and
                     all(e["duplicates"] == 0 and e["missing"] == 0 for e in report["coverage"].values()))
     return report
@@ -67,10 +53,8 @@ def _coverage(run: RunDirectory, legs: list[dict]) -> dict:
         end = legs[i + 1]["from_step"] if i + 1 < len(legs) else float("inf")
         window[leg["leg"]] = (leg["from_step"], end)
     counts: dict[int, Counter] = {}
-    names = [p.rsplit("/", 1)[-1] for p in run.fs.ls(run.path("samples"), detail=False)] \
-        if run.exists("samples") else []
-    for name in names:
-        for record in _jsonl_lines(run, f"samples/{name}"):
+    for name in run.list(SAMPLES):
+        for record in run.read_jsonl(f"{SAMPLES}/{name}"):
             first, end = window.get(record.get("leg"), (0, -1))
             if first <= record["step"] < end:
                 for epoch, position in zip(record["epochs"], record["positions"]):
@@ -85,12 +69,13 @@ def _coverage(run: RunDirectory, legs: list[dict]) -> dict:
     return out
 
 
-def _checkpoints(run_url: str, endpoint_url: str) -> dict:
-    catalog = CheckpointCatalog(f"{run_url.rstrip('/')}/checkpoints", endpoint_url)
-    committed, torn = catalog.scan()
-    bad = {m.directory: problems for m in committed
+def _checkpoints(run: RunDirectory) -> dict:
+    catalog = run.catalog()
+    listing = catalog.scan()
+    bad = {m.directory: problems for m in listing.committed
            if (problems := find_problems(catalog.fs, catalog.directory(m.directory), m))}
-    return {"committed": len(committed), "torn": len(torn), "unloadable": len(bad), "problems": bad}
+    return {"committed": len(listing.committed), "torn": len(listing.torn), "unloadable": len(bad),
+            "damaged": len(listing.damaged), "rejected": len(listing.rejected), "problems": bad}
 
 
 def format_report(report: dict) -> str:
@@ -104,7 +89,8 @@ def format_report(report: dict) -> str:
         lines.append(f"  epoch {epoch}: {entry['samples']} samples, {entry['duplicates']} repeated, "
                      f"{entry['missing']} missing: {verdict}")
     ck = report["checkpoints"]
-    lines.append(f"  checkpoints: {ck['committed']} committed, {ck['unloadable']} unloadable, {ck['torn']} torn")
+    lines.append(f"  checkpoints: {ck['committed']} committed, {ck['unloadable']} unloadable, {ck['torn']} torn, "
+                 f"{ck['damaged']} damaged, {ck['rejected']} quarantined")
     for name, problems in ck["problems"].items():
         lines.append(f"    {name}: {'; '.join(problems)}")
     lines.append("OK" if report["ok"] else "PROBLEMS FOUND")

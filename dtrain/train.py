@@ -2,27 +2,26 @@
 
 Pointed at a run directory that already holds a run, it continues from the
 newest committed checkpoint, with the run's configuration (as of that
-checkpoint) plus whatever the command line changes. Exit codes: 0 done (or
-already finished, or stopped at --stop-at-step), 1 crashed, 2 bad configuration
-or no usable checkpoint (nothing written), 75 stopped on a signal with a
-committed checkpoint (start again to continue).
+checkpoint) plus whatever the command line changes. Exit codes are listed in
+``dtrain/errors.py`` (0 done, 2 bad configuration, 65 diverged, 74 storage,
+75 stopped on a signal with a committed checkpoint).
 """
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 import traceback
 
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError, Manifest
-from .checkpoint.catalog import CheckpointCatalog
-from .config import ConfigError, ExperimentConfig, Settings, all_keys, build_parser, parse_args, validate
-from .dist import broadcast_from_main, init_distributed, shutdown
-from .preempt import EXIT_PREEMPTED
-from .runlog import RunDirectory
+from .checkpoint.catalog import Listing
+from .checkpoint.storage import Storage
+from .config import ExperimentConfig, Settings, all_keys, build_parser, parse_args, validate
+from .dist import broadcast_from_main, init_distributed, on_main, shutdown
+from .errors import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, KINDS, CheckpointError, ConfigError, DtrainError
+from .lease import RunLease
+from .rundir import CONFIG, RunDirectory
 from .trainer import Trainer
 
 DESCRIPTION = """Train a cluster-prediction transformer on Gaussian mixtures with FSDP2.
@@ -33,51 +32,73 @@ already holds a run, training continues from its newest committed checkpoint wit
 the run's configuration, changed only by the options given.
 Run under torchrun for several ranks: torchrun --nproc_per_node=N -m dtrain.train ..."""
 
-EXIT_OK, EXIT_CRASH, EXIT_CONFIG = 0, 1, 2
 # Keys a checkpoint cannot follow: they change the shapes of the saved tensors.
 SHAPE_KEYS = ("model.width", "model.layers", "model.heads", "model.mlp_ratio", "data.dim")
 
 
-def stored_config(run_url: str) -> tuple[ExperimentConfig, Manifest | None]:
-    """A run's configuration as of its newest committed checkpoint (so changes made on
-    earlier resumes persist), or config.json before the first; and that manifest."""
-    run = RunDirectory(run_url)
-    if not run.exists("config.json"):
-        raise ConfigError(f"{run_url} holds no dtrain run (no config.json); check the path")
-    first = ExperimentConfig.from_dict(json.loads(run.read_text("config.json")), source="config.json")
-    committed, _ = CheckpointCatalog(f"{run.url}/checkpoints", first.checkpoint.endpoint_url).scan()
-    if committed and committed[-1].config:
-        return ExperimentConfig.from_dict(committed[-1].config, source=committed[-1].directory), committed[-1]
-    return first, committed[-1] if committed else None
+def stored_config(run_url: str, storage: Storage | None = None):
+    """A run's configuration (as of its newest committed checkpoint) and that manifest."""
+    config, manifest, _ = RunDirectory(run_url, storage).stored_config()
+    return config, manifest
 
 
-def plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: int) -> dict:
+def plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: int, lease: RunLease) -> dict:
     """Rank 0: the config of this start and what it changes, or the problem (one line).
 
-    Nothing is written unless the config is valid for this world size.
+    Nothing is written unless the config is valid for this world size and this job
+    holds the run directory's lease.
     """
     try:
-        return _plan_run(run, settings, resume, world_size)
-    except ConfigError as error:
-        return {"problem": str(error)}
+        return _plan_run(run, settings, resume, world_size, lease)
+    except DtrainError as error:
+        return {"problem": str(error), "kind": type(error).__name__}
 
 
-def _plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: int) -> dict:
-    if not run.exists("config.json"):
-        if resume not in ("latest", "never"):
-            return {"problem": f"--resume={resume}: {run.url} holds no run to resume; "
-                               "drop --resume to start one there"}
+def _describe(listing: Listing) -> str:
+    parts = [f"{name} ({why})" for name, why in listing.damaged.items()]
+    parts += [f"{name} (quarantined: {why})" for name, why in listing.rejected.items()]
+    parts += [f"{name} (DCP files but no manifest)" for name, meta in listing.torn.items() if meta]
+    return "; ".join(sorted(parts))
+
+
+def _plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: int, lease: RunLease) -> dict:
+    run.check_is_directory()
+    listing = run.catalog().scan()
+    first, problem = run.first_config()
+    notes: list[str] = []
+    if listing.committed and resume == "restart":
+        raise ConfigError(f"--resume=restart: {run.url} has committed checkpoints; drop --resume to continue "
+                          "it, or pass a new --run-dir")
+    if not listing.committed and (listing.unexplained or problem) and resume != "restart":
+        found = _describe(listing) or problem
+        raise ConfigError(f"{run.url} holds no committed checkpoint but {found}; nothing was changed. "
+                          "See `dtrain verify`; to train from step 0 beside what is there pass "
+                          "--resume=restart, or pass a new --run-dir")
+    if resume == "restart" or (first is None and not listing.committed):  # a new run, or a restart
+        if resume not in ("latest", "never", "restart"):
+            raise ConfigError(f"--resume={resume}: {run.url} holds no committed checkpoint to resume; "
+                              "drop --resume to start the run")
         config = settings.resolve()
         validate(config, world_size)
-        run.write_text("config.json", config.to_json() + "\n")
-        return {"config": config.to_dict(), "changed": {}}
+        notes.append(lease.acquire())
+        run.write_text(CONFIG, config.to_json() + "\n")
+        if resume == "restart":
+            notes.append(f"starting {run.url} over from step 0 as asked (--resume=restart); "
+                         "the checkpoint directories there are left as they are")
+        return {"config": config.to_dict(), "changed": {}, "notes": [n for n in notes if n]}
     if resume == "never":
-        return {"problem": f"run directory {run.url} already holds a run; pass a new --run-dir, "
-                           "or drop --resume=never to continue it"}
-    stored, _ = stored_config(run.url)
+        raise ConfigError(f"run directory {run.url} already holds a run; pass a new --run-dir, "
+                          "or drop --resume=never to continue it")
+    if resume not in ("latest", "restart") and not listing.candidates(resume):
+        steps = ", ".join(str(m.step) for m in listing.committed) or "none"
+        what = "checkpoint tagged best" if resume == "best" else f"committed checkpoint at step {resume}"
+        raise ConfigError(f"--resume={resume}: {run.url} holds no {what} (committed steps: {steps}); "
+                          "pick one of those, or drop --resume for the newest")
+    stored, _, note = run.stored_config()
+    notes.append(note)
     if settings.preset and settings.preset != stored.preset_name:
-        return {"problem": f"--preset {settings.preset} differs from the run's preset "
-                           f"{stored.preset_name}; omit --preset to continue the run, or pass a new --run-dir"}
+        raise ConfigError(f"--preset {settings.preset} differs from the run's preset {stored.preset_name}; "
+                          "omit --preset to continue the run, or pass a new --run-dir")
     config = settings.apply(copy.deepcopy(stored))
     old, new = stored.to_dict(), config.to_dict()
     changed = {}
@@ -87,34 +108,48 @@ def _plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: in
             changed[key] = [old[section][name], new[section][name]]
     for key in SHAPE_KEYS:
         if key in changed:
-            return {"problem": f"--{key}={changed[key][1]} differs from the run's {changed[key][0]}: "
-                               "a checkpoint cannot change the model's shape; pass a new --run-dir"}
+            raise ConfigError(f"--{key}={changed[key][1]} differs from the run's {changed[key][0]}: "
+                              "a checkpoint cannot change the model's shape; pass a new --run-dir")
     validate(config, world_size)
-    return {"config": new, "changed": changed}
+    notes.append(lease.acquire())
+    return {"config": new, "changed": changed, "notes": [n for n in notes if n]}
 
 
 def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_at_step: int | None = None,
                  prog: str = "dtrain") -> Trainer:
     """Train (or continue) ``run_dir`` on this process's group, the CLI's and the API's one path.
 
-    Raises ConfigError / CheckpointError (after an orderly teardown: every rank
-    reaches the same verdict) and whatever training raised.
+    Raises a ``DtrainError`` (after an orderly teardown: every rank reaches the same
+    verdict) and whatever else training raised.
     """
-    ctx = init_distributed(settings.resolve().train.device)
+    requested = settings.resolve()
+    ctx = init_distributed(requested.train.device)
+    lease = None
     try:
-        run = RunDirectory(run_dir)
-        plan = broadcast_from_main(ctx, plan_run(run, settings, resume, ctx.world_size) if ctx.is_main else None)
+        run = RunDirectory(run_dir, Storage.from_config(requested.checkpoint))
+        if ctx.is_main:
+            lease = RunLease(run, requested.checkpoint.lease_seconds)
+        plan = broadcast_from_main(ctx, plan_run(run, settings, resume, ctx.world_size, lease)
+                                   if ctx.is_main else None)
         if "problem" in plan:
-            raise ConfigError(plan["problem"])
+            raise KINDS[plan["kind"]](plan["problem"])
         config = ExperimentConfig.from_dict(plan["config"])
-        trainer = Trainer(config, ctx, run)
-        manifest = trainer.restore("latest" if resume == "never" else resume)
+        run = RunDirectory(run_dir, Storage.from_config(config.checkpoint))
+        trainer = Trainer(config, ctx, run, lease)
+
+        def announce(notes=plan["notes"]) -> None:
+            for note in notes:
+                print(f"{prog}: {note}", flush=True)
+                run.event("notice", message=note)
+
+        on_main(ctx, announce)
+        manifest = None if resume == "restart" else trainer.restore("latest" if resume == "never" else resume)
         say = print if ctx.is_main else (lambda *a, **k: None)
         if manifest is not None:
             say(f"{prog}: resuming from {manifest.directory} (step {manifest.step}, saved on "
                 f"{manifest.world_size} ranks) on {ctx.world_size} ranks", flush=True)
-            if plan["changed"] and ctx.is_main:
-                run.event("config_changed", step=trainer.step, changed=plan["changed"])
+            if plan["changed"]:
+                on_main(ctx, lambda: run.event("config_changed", step=trainer.step, changed=plan["changed"]))
         if stop_at_step is not None and trainer.step >= stop_at_step:
             say(f"{prog}: run {run.url} is at step {trainer.step}, past --stop-at-step "
                 f"{stop_at_step}; nothing to do", flush=True)
@@ -129,13 +164,19 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
             elif not trainer.finished:
                 say(f"{prog}: stopped at step {trainer.step} as asked, checkpoint committed; "
                     "start the same run again to continue", flush=True)
-    except (ConfigError, CheckpointError):
+    except DtrainError:
+        if lease is not None:
+            lease.release()
         shutdown(ctx)
         raise
     except BaseException:
         if ctx.owns_group and ctx.world_size == 1:  # nobody to wait for: leave the process usable
+            if lease is not None:
+                lease.release()
             dist.destroy_process_group()
         raise
+    if lease is not None:
+        lease.release()
     shutdown(ctx)
     return trainer
 
@@ -144,45 +185,74 @@ def tag_checkpoint(run_dir: str, which: str, tag: str) -> str:
     """Commit a copy of checkpoint ``which`` tagged ``tag``; retention keeps tagged copies."""
     config, _ = stored_config(run_dir)
     ctx = init_distributed(config.train.device)
+    run = RunDirectory(run_dir, Storage.from_config(config.checkpoint))
+    lease = RunLease(run, config.checkpoint.lease_seconds)
     try:
-        trainer = Trainer(config, ctx, RunDirectory(run_dir))
+        lease.acquire()
+        trainer = Trainer(config, ctx, run, lease)
         if trainer.restore(which) is None:
             raise CheckpointError(f"no committed checkpoint {which!r} in {run_dir} to tag")
         trainer.save([tag], blocking=True)
         trainer.checkpoints.close()
         return trainer.checkpoints.last_directory
     finally:
+        lease.release()
         shutdown(ctx)
+
+
+def _peer_gone(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, (dist.DistError, RuntimeError)) and any(
+        words in text for words in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                    "Socket Timeout", "Timed out waiting"))
 
 
 def train(settings: Settings, run_dir: str, resume: str = "latest", prog: str = "dtrain",
           stop_at_step: int | None = None) -> int:
     """The command line's wrapper: exit codes and one-line errors instead of exceptions."""
+    rank = int(os.environ.get("RANK", "0"))
     try:
         trainer = run_training(settings, run_dir, resume, stop_at_step, prog)
-    except (ConfigError, CheckpointError) as error:
-        if int(os.environ.get("RANK", "0")) == 0:
+    except DtrainError as error:
+        if rank == 0:
             print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
-    except BaseException:
+        return error.exit_code
+    except BaseException as error:
         # Peers may be gone: no barrier, no teardown; report and leave at once.
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_CRASH)
+        if _peer_gone(error):
+            print(f"{prog}: rank {rank}: another rank of the job is gone ({' '.join(str(error).split())[:160]}); "
+                  "stopping this one (a torchrun restart or a new start resumes from the last commit)",
+                  file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
+        exit_now(EXIT_CRASH)
     return EXIT_PREEMPTED if trainer.stopped_by_signal else EXIT_OK
 
 
 def main(argv=None, prog: str = "python -m dtrain.train") -> int:
     parser = build_parser(prog, DESCRIPTION)
     args, settings = parse_args(parser, argv)
-    return train(settings, args.run_dir, args.resume, prog, args.stop_at_step)
+    code = train(settings, args.run_dir, args.resume, prog, args.stop_at_step)
+    record_exit_code(code)
+    return code
+
+
+def record_exit_code(code: int) -> None:
+    """Rank 0 writes its exit code to $DTRAIN_EXIT_CODE_FILE, if set: torchrun itself exits 1
+    for any failed worker, so a launch script reads the real code there (launch/local.sh)."""
+    path = os.environ.get("DTRAIN_EXIT_CODE_FILE")
+    if path and int(os.environ.get("RANK", "0")) == 0:
+        try:
+            with open(path, "w") as f:
+                f.write(f"{code}\n")
+        except OSError:
+            pass
 
 
 def exit_now(code: int) -> None:
     """End the process without interpreter teardown: a gloo worker thread that frees
     tensors during Python's shutdown aborts it ("terminate called without an active
-    exception"), even after barrier and destroy (shared/DCP-NOTES.md: os._exit 0/15)."""
+    exception"), even after barrier and destroy (docs/design.md, "Shutdown")."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

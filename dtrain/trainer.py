@@ -10,15 +10,16 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointManager, Manifest, TrainingState
-from .config import ConfigError, ExperimentConfig, micro_batches
+from .config import ExperimentConfig, micro_batches
 from .data import VALIDATION_STREAM, make_examples, mixture_spec, train_streams
-from .dist import DistContext, broadcast_from_main
+from .dist import DistContext, broadcast_from_main, on_every_rank, on_main
+from .errors import ConfigError, DtrainError, TrainingDiverged
 from .metrics import kmeans_centres, set_mean_centres, squared_error, wasserstein
 from .model import build_model, count_parameters
 from .parallel import resolve_precision, shard_model
 from .preempt import StopRequest
 from .progress import Progress
-from .runlog import RunDirectory
+from .rundir import METRICS, RunDirectory
 from .sampler import ElasticSampler, GlobalBatch
 from .schedule import LRSchedule
 
@@ -29,7 +30,7 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 class Trainer:
-    def __init__(self, config: ExperimentConfig, ctx: DistContext, run: RunDirectory):
+    def __init__(self, config: ExperimentConfig, ctx: DistContext, run: RunDirectory, lease=None):
         self.config, self.ctx, self.run = config, ctx, run
         train, data = config.train, config.data
         self.micro_batch, self.accumulation = micro_batches(config, ctx.world_size)
@@ -52,11 +53,11 @@ class Trainer:
         self.best = {"val_mse": math.inf, "step": -1}
         self.metrics: dict = {}  # the latest validation metrics
         self._validation = None
+        self._failure: DtrainError | None = None  # a storage failure of this rank, agreed at the boundary
         ck = config.checkpoint
         self.checkpoints = CheckpointManager(
-            f"{run.url}/checkpoints", ctx, keep_last=ck.keep_last, keep_every=ck.keep_every,
-            async_save=ck.async_save, verify=ck.verify, endpoint_url=ck.endpoint_url,
-            events=run.event if ctx.is_main else None)
+            run.catalog(ck.keep_last, ck.keep_every), ctx, async_save=ck.async_save, verify=ck.verify,
+            events=run.event if ctx.is_main else None, lease=lease)
 
     @property
     def planned_samples(self) -> int:
@@ -94,14 +95,27 @@ class Trainer:
 
     def restore(self, which: str = "latest") -> Manifest | None:
         """Load the newest sound committed checkpoint for ``which``; None if there is none."""
-        manifest = self.checkpoints.load(self.state(), which)
+        manifest = self.checkpoints.load(self.state(), which, check=self._nonfinite_state)
         if manifest is not None:
             self.metrics = dict(manifest.metrics)
-            for kind, message, fields in self._reconcile():
-                if self.ctx.is_main:
+            changes = self._reconcile()
+
+            def announce() -> None:
+                for kind, message, fields in changes:
                     print(f"dtrain: {message}", flush=True)
                     self.run.event(kind, step=self.step, **fields)
+
+            on_main(self.ctx, announce)
         return manifest
+
+    def _nonfinite_state(self) -> list[str]:
+        """This rank's shards of the model and optimizer state that hold NaN or inf."""
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p.to_local()).all()]
+        for state in self.optimizer.state.values():
+            bad += [f"optimizer {key}" for key, value in state.items()
+                    if torch.is_tensor(value) and value.is_floating_point()
+                    and not torch.isfinite(value.to_local() if hasattr(value, "to_local") else value).all()]
+        return [f"non-finite values in {', '.join(sorted(set(bad))[:3])}"] if bad else []
 
     def _reconcile(self) -> list[tuple[str, str, dict]]:
         """Apply what the configuration changes relative to the checkpoint; say what changed.
@@ -189,7 +203,7 @@ class Trainer:
         global_batch = self.sampler.take(train.global_batch_size)
         mine = global_batch.shard(ctx.rank, ctx.world_size)
         if self.config.data.record_indices:
-            self.run.append_jsonl(f"samples/rank_{ctx.rank}.jsonl", {
+            self._write(f"samples/rank_{ctx.rank}.jsonl", {
                 "step": self.step, "leg": self.leg, "world_size": ctx.world_size, "epochs": mine.epochs.tolist(),
                 "positions": mine.positions.tolist(), "indices": mine.indices.tolist()})
         lr = self.schedule(self.samples_seen + train.global_batch_size)
@@ -207,16 +221,45 @@ class Trainer:
             # FSDP averages over ranks; dividing by the rank's share makes it a global-batch mean.
             (per_example.sum() / len(mine)).backward()
             loss_sum += per_example.detach().sum()
+        params = list(self.model.parameters())
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self._check_finite(loss_sum, norm)  # before the update: a non-finite step is never applied
         if train.grad_clip:
-            params = list(self.model.parameters())
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             torch.nn.utils.clip_grads_with_norm_(params, train.grad_clip, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.samples_seen += train.global_batch_size
         return loss_sum
+
+    def _check_finite(self, loss_sum: torch.Tensor, norm: torch.Tensor) -> None:
+        """Stop every rank if any rank's loss, or the global gradient norm, is not finite."""
+        finite = torch.tensor([float(bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(norm)))])
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            raise self._diverged(f"the loss or gradient norm (now {norm.item():.3g}) at step {self.step + 1} "
+                                 "is not finite; that step was not applied")
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        last = self.checkpoints.last_committed
+        where = (f"resume from {last} with a lower --train.lr (now {self.config.train.lr:g}), e.g. "
+                 f"--resume {last.split('_')[1].lstrip('0') or '0'} --train.lr={self.config.train.lr / 10:g}"
+                 if last else f"start again in a new --run-dir with a lower --train.lr (now "
+                              f"{self.config.train.lr:g}), e.g. --train.lr={self.config.train.lr / 10:g}")
+        return TrainingDiverged(f"training diverged: {what}; nothing non-finite was saved; {where}")
+
+    def _write(self, name: str, record: dict) -> None:
+        """Append a log line; a storage failure is kept and agreed on at the step boundary."""
+        if self._failure is None:
+            try:
+                self.run.append_jsonl(name, record)
+            except DtrainError as error:
+                self._failure = error
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
     def _validation_shard(self):
         """This rank's slice of the validation set, padded to equal length across ranks.
@@ -267,7 +310,7 @@ class Trainer:
 
     def _log(self, kind: str, record: dict) -> None:
         if self.ctx.is_main:
-            self.run.append_jsonl("metrics.jsonl", {"kind": kind, **record})
+            self._write(METRICS, {"kind": kind, **record})
 
     def fit(self, stop_at_step: int | None = None) -> dict:
         """Train to the planned end (or ``stop_at_step``), saving on the way.
@@ -278,14 +321,12 @@ class Trainer:
         ctx, train, ck = self.ctx, self.config.train, self.config.checkpoint
         per_rank = self._parameters_per_rank()
         self.leg = broadcast_from_main(ctx, uuid.uuid4().hex[:12] if ctx.is_main else None)
-        if ctx.is_main:
-            self.run.event("start" if self.step == 0 else "resume", step=self.step, leg=self.leg,
-                           samples_seen=self.samples_seen,
-                           world_size=ctx.world_size, global_batch_size=train.global_batch_size,
-                           micro_batch_size=self.micro_batch, accumulation=self.accumulation,
-                           device=str(ctx.device), backend=ctx.backend, precision=self.precision,
-                           parameters=self.num_parameters, parameters_per_rank=per_rank,
-                           torch=torch.__version__)
+        on_main(ctx, lambda: self.run.event(
+            "start" if self.step == 0 else "resume", step=self.step, leg=self.leg, samples_seen=self.samples_seen,
+            world_size=ctx.world_size, global_batch_size=train.global_batch_size,
+            micro_batch_size=self.micro_batch, accumulation=self.accumulation, device=str(ctx.device),
+            backend=ctx.backend, precision=self.precision, parameters=self.num_parameters,
+            parameters_per_rank=per_rank, torch=torch.__version__))
         progress = Progress(self.total_steps, self.step, ctx.is_main)
         progress.message(f"training {self.num_parameters:,} parameters on {ctx.world_size} "
                          f"rank(s) ({ctx.device.type}, {self.precision}), global batch "
@@ -297,6 +338,11 @@ class Trainer:
             if self.step == 0:
                 self._evaluate_and_log(progress)
             self._loop(progress, stop, stop_at_step)
+        except TrainingDiverged as error:
+            progress.close()
+            self.checkpoints.close()  # a save in flight holds an earlier, finite state: commit it
+            on_main(ctx, lambda: self.run.event("diverged", step=self.step, error=str(error)))
+            raise
         finally:
             stop.close()
         return self.metrics
@@ -336,7 +382,10 @@ class Trainer:
                 self.save(tags, blocking=False)
                 last_save = time.monotonic()
             # After any evaluation or save, so a signal during them is honoured right here.
-            if stop.agreed():
+            verdict = stop.agree(failed=self._failure is not None)
+            if verdict == "failure":
+                on_every_rank(ctx, self._raise_failure)  # every rank raises the failing rank's error
+            if verdict == "signal":
                 self.stopped_by_signal = stop.received or "a signal to another rank"
                 break
         progress.close()
@@ -347,20 +396,22 @@ class Trainer:
         if self._last_saved_step != self.step:
             self.save(tags, blocking=True)  # synchronous: the process is about to end
         self.checkpoints.close()
-        if ctx.is_main:
-            reason = {"reason": self.stopped_by_signal} if self.stopped_by_signal else {}
-            self.run.event("end" if self.finished else "stop", step=self.step,
-                           samples_seen=self.samples_seen, **reason, **self.metrics)
+        on_every_rank(ctx, self._raise_failure)  # a log line that could not be written: say so now
+        reason = {"reason": self.stopped_by_signal} if self.stopped_by_signal else {}
+        on_main(ctx, lambda: self.run.event("end" if self.finished else "stop", step=self.step,
+                                            samples_seen=self.samples_seen, **reason, **self.metrics))
 
     def _evaluate_and_log(self, progress: Progress) -> list[str]:
         """Validate, log, and return ["best"] when this is a new best worth saving."""
         self.metrics = metrics = self.evaluate()
+        if not math.isfinite(metrics["val_mse"]):  # every rank has the same all-reduced metrics
+            raise self._diverged(f"validation MSE at step {self.step} is {metrics['val_mse']}")
         self._log("eval", {"step": self.step, "samples_seen": self.samples_seen, **metrics})
         progress.message(f"step {self.step}: val mse {metrics['val_mse']:.4f} "
                          f"(k-means {metrics['kmeans_mse']:.4f}, set mean {metrics['trivial_mse']:.4f}), "
                          f"wasserstein {metrics['val_wasserstein']:.4f} "
                          f"(k-means {metrics['kmeans_wasserstein']:.4f})")
-        if self.step == 0 or metrics["val_mse"] >= self.best["val_mse"]:
+        if self.step == 0 or not metrics["val_mse"] < self.best["val_mse"]:
             return []
         self.best = {"val_mse": metrics["val_mse"], "step": self.step}
         return ["best"] if self.config.checkpoint.save_best else []

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from dtrain.checkpoint.catalog import CheckpointCatalog
+from dtrain.rundir import RunDirectory
 from dtrain.report import check_run, format_report
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
@@ -44,8 +45,8 @@ def workers(agent: subprocess.Popen) -> list[int]:
 def torn(catalog: CheckpointCatalog) -> set[str]:
     """Checkpoint directories without a manifest: saves in flight, or leftovers of crashes."""
     try:
-        return set(catalog.scan()[1])
-    except (FileNotFoundError, OSError):
+        return set(catalog.scan().torn)
+    except Exception:  # the run directory may not exist yet
         return set()
 
 
@@ -74,7 +75,7 @@ def main() -> int:
     args = parser.parse_args()
     rng = random.Random(args.seed)
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-    catalog = CheckpointCatalog(f"{args.run_dir}/checkpoints")
+    catalog = RunDirectory(args.run_dir).catalog()
     kills = []
     with open(Path(args.run_dir) / "chaos.log", "a") as log:
         for round_ in range(args.kills):
@@ -97,7 +98,7 @@ def main() -> int:
             code = finish(agent)
             print(f"round {round_}: {world} rank(s), {how.name}, exit {code}", flush=True)
         # The last round: a new world size, and a plan that ends two epochs from here.
-        committed, _ = catalog.scan()
+        committed = catalog.scan().committed
         epoch = committed[-1].progress["epoch"] if committed else 0
         world = rng.randint(1, args.max_world)
         code = finish(start(args.run_dir, world, [f"--train.num_epochs={epoch + 2}"], log), timeout=600)

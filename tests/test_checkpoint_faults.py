@@ -30,7 +30,7 @@ def test_sigkill_of_a_rank_mid_save_leaves_a_torn_checkpoint_that_is_never_loade
     assert not (run_dir / "checkpoints/step_00000006" / MANIFEST).exists()
     listing = dtrain_cli("inspect", str(run_dir)).stdout
     assert "step_00000006          torn" in listing
-    assert "torn (no manifest" in dtrain_cli("verify", str(run_dir)).stdout
+    assert "step_00000006: torn: no manifest" in dtrain_cli("verify", str(run_dir)).stdout
 
     resumed = launch([*args], nproc=4)  # restarted on another world size
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -104,29 +104,49 @@ print("plain", len(model))
 
 
 def fake_checkpoint(catalog, step, tags=(), commit=True):
-    directory = catalog.directory(f"step_{step:08d}")
+    """A directory with DCP-shaped files; committed with a manifest that describes them."""
+    import hashlib
+    name = f"step_{step:08d}"
+    directory = catalog.directory(name)
     catalog.fs.makedirs(directory, exist_ok=True)
     catalog.fs.pipe_file(f"{directory}/__0_0.distcp", b"x")
     if commit:
+        catalog.fs.pipe_file(f"{directory}/.metadata", b"m")
+        files = {n: {"size": 1, "sha256": hashlib.sha256(c).hexdigest()}
+                 for n, c in (("__0_0.distcp", b"x"), (".metadata", b"m"))}
         manifest = Manifest(step=step, tags=list(tags), progress={}, world_size=1, global_batch_size=1,
-                            micro_batch_size=1, config_fingerprint="", files={})
-        catalog.write_manifest(f"step_{step:08d}", manifest.to_json())
+                            micro_batch_size=1, config_fingerprint="", files=files, sequence=catalog.next_sequence())
+        catalog.write_manifest(name, manifest.to_json())
 
 
 def test_retention_keeps_last_best_every_mth_and_removes_torn(tmp_path):
     catalog = CheckpointCatalog(str(tmp_path / "checkpoints"), keep_last=2, keep_every=40)
     for step in (10, 20, 30, 40, 50, 60):
         fake_checkpoint(catalog, step, tags=["best"] if step == 20 else [])
-    fake_checkpoint(catalog, 55, commit=False)  # a crashed save
+    fake_checkpoint(catalog, 55, commit=False)  # a crashed save: no .metadata
     removed = catalog.apply_retention()
     assert sorted(removed) == ["step_00000010", "step_00000030", "step_00000055"]
-    committed, torn = catalog.scan()
-    assert [m.step for m in committed] == [20, 40, 50, 60] and torn == []
+    listing = catalog.scan()
+    assert [m.step for m in listing.committed] == [20, 40, 50, 60] and not listing.torn
     # The newest is kept even with keep_last=1, and a fresh best replaces the old one.
     catalog.keep_last, catalog.keep_every = 1, 0
     fake_checkpoint(catalog, 70, tags=["best"])
     catalog.apply_retention()
-    assert [m.step for m in catalog.scan()[0]] == [70]
+    assert [m.step for m in catalog.scan().committed] == [70]
+
+
+def test_retention_counts_commits_in_commit_order_and_keeps_what_may_be_a_lost_commit(tmp_path):
+    catalog = CheckpointCatalog(str(tmp_path / "checkpoints"), keep_last=2)
+    for step in (10, 20, 30):
+        fake_checkpoint(catalog, step)
+    fake_checkpoint(catalog, 15)  # resumed from 10: committed after 30, the newest commit
+    catalog.fs.rm_file(catalog.directory("step_00000020/manifest.json"))  # complete files, no manifest
+    removed = catalog.apply_retention()
+    assert removed == ["step_00000010"]
+    listing = catalog.scan()
+    assert [m.step for m in listing.committed] == [30, 15]  # 15 just committed: kept, and "latest"
+    assert listing.candidates("latest")[0].step == 15
+    assert listing.torn == {"step_00000020": True}  # never removed automatically
 
 
 def test_async_saves_hold_the_state_of_their_step(tmp_path):

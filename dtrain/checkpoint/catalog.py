@@ -1,114 +1,207 @@
-"""The checkpoints of a run as stored: listing, naming, committing, retention.
+"""The checkpoints of a run as stored: listing, naming, committing, quarantine, retention.
 
 Storage-only and single-process: rank 0 calls it during training, and the
 command-line tools call it with no process group at all.
+
+Every ``step_*`` directory is in exactly one state:
+
+- *committed*: a sound manifest; loadable.
+- *damaged*: a manifest that cannot be read or does not describe a checkpoint.
+- *rejected*: found unusable by a load (bad checksum, damaged manifest, unsafe
+  metadata) and quarantined with a ``rejected.json`` marker. Never loaded,
+  never counted by retention, never deleted automatically.
+- *torn*: no manifest. Without DCP's ``.metadata`` it is a save that never
+  finished and that nothing can load: retention removes it. With ``.metadata``
+  it may be a finished save whose manifest was lost: it is kept and reported.
 """
 from __future__ import annotations
 
+import json
 import os
+import time
+from dataclasses import dataclass, field
 
-from .manifest import AUTOMATIC_TAGS, MANIFEST, Manifest, parse_step_directory, step_directory
-from .storage import filesystem, is_remote
+from .manifest import (AUTOMATIC_TAGS, MANIFEST, METADATA, REJECTED, Manifest, ManifestError,
+                       parse_step_directory, step_directory)
+from .storage import Storage, guard, is_remote
+
+
+@dataclass
+class Listing:
+    committed: list[Manifest] = field(default_factory=list)  # commit order, oldest first
+    damaged: dict[str, str] = field(default_factory=dict)  # directory -> why the manifest is no commit
+    rejected: dict[str, str] = field(default_factory=dict)  # directory -> why it was quarantined
+    torn: dict[str, bool] = field(default_factory=dict)  # directory -> holds DCP's .metadata
+
+    @property
+    def names(self) -> list[str]:
+        return sorted([m.directory for m in self.committed] + list(self.damaged) + list(self.rejected)
+                      + list(self.torn), key=lambda name: parse_step_directory(name))
+
+    @property
+    def unexplained(self) -> list[str]:
+        """Directories that may hold a finished save but are not committed checkpoints."""
+        return sorted(set(self.damaged) | set(self.rejected) | {n for n, meta in self.torn.items() if meta})
+
+    def candidates(self, which: str) -> list[Manifest]:
+        """Committed checkpoints to try for ``which`` (latest, best or a step), best choice first.
+
+        For ``latest``: the newest commit, then the line it continues (its parents),
+        then the rest by commit order, so a fallback stays on the current line of history.
+        """
+        newest_first = self.committed[::-1]
+        if which == "best":
+            return [m for m in newest_first if "best" in m.tags]
+        if which != "latest":
+            return [m for m in newest_first if m.step == int(which)]
+        by_name = {m.directory: m for m in self.committed}
+        line, current = [], newest_first[0] if newest_first else None
+        while current is not None and current not in line:
+            line.append(current)
+            if current.format == 1:  # no parent recorded: the previous commit continues it
+                index = self.committed.index(current)
+                current = self.committed[index - 1] if index else None
+            else:
+                current = by_name.get(current.parent) if current.parent else None
+        return line + [m for m in newest_first if m not in line]
 
 
 class CheckpointCatalog:
-    def __init__(self, url: str, endpoint_url: str = "", keep_last: int = 3, keep_every: int = 0):
+    def __init__(self, url: str, storage: Storage | None = None, keep_last: int = 3, keep_every: int = 0):
         self.url = url.rstrip("/")
-        self.endpoint_url = endpoint_url
+        self.storage = storage or Storage()
         self.keep_last, self.keep_every = keep_last, keep_every
-        self.fs, self.root = filesystem(self.url, endpoint_url)
+        self.fs, self.root = self.storage.filesystem(self.url)
 
     def directory(self, name: str) -> str:
         return f"{self.root}/{name}"
 
-    def scan(self) -> tuple[list[Manifest], list[str]]:
-        """Committed checkpoints (oldest first) and torn directory names, from storage."""
-        self.fs.invalidate_cache()  # object stores list through a cache; others may have written
-        if not self.fs.exists(self.root):
-            return [], []
-        committed, torn = [], []
-        for path in self.fs.ls(self.root, detail=False):
-            name = path.rstrip("/").rsplit("/", 1)[-1]
-            order = parse_step_directory(name)
-            if order is None:
-                continue
+    def scan(self) -> Listing:
+        """Every checkpoint directory of the run, by state (see the module's docstring)."""
+        with guard("listing", self.url):
+            self.fs.invalidate_cache()  # object stores list through a cache; others may have written
+            listing = Listing()
+            if not self.fs.exists(self.root):
+                return listing
+            if not self.fs.isdir(self.root):
+                raise NotADirectoryError(20, "Not a directory", self.url)
+            # One listing of the whole tree (one paged LIST on object stores), grouped by directory.
+            contents: dict[str, set[str]] = {}
+            for path in self.fs.find(self.root, maxdepth=2, withdirs=True):
+                parts = path[len(self.root):].strip("/").split("/")
+                if parse_step_directory(parts[0]) is not None:
+                    contents.setdefault(parts[0], set()).update(parts[1:2])
+            for name, files in contents.items():
+                self._classify(name, files, listing)
+        listing.committed.sort(key=lambda m: m.order)
+        return listing
+
+    def _classify(self, name: str, files: set[str], listing: Listing) -> None:
+        directory = self.directory(name)
+        if REJECTED in files:
+            listing.rejected[name] = self._rejection(directory)
+        elif MANIFEST not in files:
+            listing.torn[name] = METADATA in files
+        else:
             try:
-                manifest = Manifest.from_json(self.fs.cat_file(f"{self.root}/{name}/{MANIFEST}").decode(), name)
-                committed.append((order, manifest))
-            except (FileNotFoundError, ValueError, TypeError):
-                torn.append(name)  # no manifest, or one cut short: the commit never finished
-        return [m for _, m in sorted(committed, key=lambda x: x[0])], sorted(torn)
+                listing.committed.append(Manifest.from_json(self.fs.cat_file(f"{directory}/{MANIFEST}"), name))
+            except ManifestError as error:
+                listing.damaged[name] = f"manifest.json is damaged: {error}"
+
+    def _rejection(self, directory: str) -> str:
+        try:
+            return "; ".join(json.loads(self.fs.cat_file(f"{directory}/{REJECTED}"))["problems"])
+        except (ValueError, KeyError, TypeError, OSError):
+            return "quarantined"
 
     def new_directory(self, step: int) -> str:
-        """A fresh directory name for ``step``; a torn leftover of the same name is removed first."""
-        _, torn = self.scan()
+        """A fresh directory name for ``step``. An existing directory is never written into; a
+        torn one without ``.metadata`` (a save that never finished) is removed and its name reused."""
+        torn = self.scan().torn
         attempt = 0
         while True:
             name = step_directory(step, attempt)
-            if name in torn:
+            if torn.get(name) is False:
                 self.delete(name)
-            if not self.fs.exists(f"{self.root}/{name}"):
-                return name
-            attempt += 1  # a committed checkpoint of this step exists (resumed from an older one)
+            with guard("listing", self.url):
+                if not self.fs.exists(self.directory(name)):
+                    return name
+            attempt += 1  # a checkpoint of this step exists (a resumed older step, or kept aside)
+
+    def next_sequence(self) -> int:
+        return max([m.sequence for m in self.scan().committed] + [0]) + 1
 
     def write_manifest(self, name: str, text: str) -> None:
-        path = f"{self.root}/{name}/{MANIFEST}"
-        if is_remote(self.url):
-            self.fs.pipe_file(path, text.encode())  # one PUT: the object appears whole or not at all
-            return
-        temporary = f"{path}.tmp"
-        with open(temporary, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-        directory = os.open(os.path.dirname(path), os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        self.write_file(f"{name}/{MANIFEST}", text)
+
+    def write_file(self, relative: str, text: str) -> None:
+        """Write a small file whole or not at all: one PUT on object stores, rename locally."""
+        path = self.directory(relative)
+        with guard("writing", f"{self.url}/{relative}"):
+            if is_remote(self.url):
+                self.fs.pipe_file(path, text.encode())
+            else:
+                atomic_write(path, text)
+
+    def quarantine(self, name: str, problems: list[str]) -> None:
+        """Mark a checkpoint unusable: it is never loaded or counted again, nor deleted."""
+        self.write_file(f"{name}/{REJECTED}", json.dumps({"problems": problems, "time": time.time()}))
 
     # ---- retention -------------------------------------------------------------------------
     def apply_retention(self) -> list[str]:
-        """Delete what the rule does not keep, and torn leftovers; rank 0, after a commit.
+        """Delete what the rule does not keep; rank 0, after a commit, with no save in flight.
 
-        Kept: the newest ``keep_last`` committed, the newest ``best``, every step that is
-        a multiple of ``keep_every``, and any checkpoint with a tag of the user's. No save is in flight here, so every directory
-        without a manifest is a leftover of a crash.
+        Kept: the newest ``keep_last`` commits (in commit order, so the line a resume
+        started is kept over an abandoned newer one), the newest ``best``, every step
+        that is a multiple of ``keep_every``, any checkpoint with a tag of the user's,
+        and every directory that is not a committed checkpoint except torn saves
+        without ``.metadata``, which nothing can load.
         """
-        committed, torn = self.scan()
+        listing = self.scan()
+        committed = listing.committed
         if not committed:
             return []
         keep = {committed[-1].directory}
-        if self.keep_last:
-            keep |= {m.directory for m in committed[-self.keep_last:]}
-        else:
-            keep |= {m.directory for m in committed}
+        keep |= {m.directory for m in (committed[-self.keep_last:] if self.keep_last else committed)}
         best = [m for m in committed if "best" in m.tags]
         if best:
             keep.add(best[-1].directory)
         keep |= {m.directory for m in committed if set(m.tags) - AUTOMATIC_TAGS}  # pinned by the user
         if self.keep_every:
             keep |= {m.directory for m in committed if m.step % self.keep_every == 0}
-        doomed = [m.directory for m in committed if m.directory not in keep] + torn
+        doomed = [m.directory for m in committed if m.directory not in keep]
+        doomed += [name for name, has_metadata in listing.torn.items() if not has_metadata]
         for name in doomed:
             self.delete(name)
         return doomed
 
     def delete(self, name: str) -> None:
-        directory = f"{self.root}/{name}"
-        try:  # the manifest first: an interrupted delete leaves a torn directory, never a broken commit
-            self.fs.rm_file(f"{directory}/{MANIFEST}")
-        except FileNotFoundError:
+        directory = self.directory(name)
+        with guard("deleting", f"{self.url}/{name}"):
+            try:  # the manifest first: an interrupted delete leaves a torn directory, never a broken commit
+                self.fs.rm_file(f"{directory}/{MANIFEST}")
+            except FileNotFoundError:
+                pass
+            self.fs.rm(directory, recursive=True)
+
+
+def atomic_write(path: str, text: str) -> None:
+    """A local file written whole or not at all: temporary name, fsync, rename, fsync the directory."""
+    temporary = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(temporary, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
             pass
-        self.fs.rm(directory, recursive=True)
-
-    def candidates(self, which: str) -> list[Manifest]:
-        """Committed checkpoints to try for ``which`` (latest, best or a step), best choice first."""
-        committed, _ = self.scan()
-        if which == "latest":
-            return committed[::-1]
-        if which == "best":
-            return [m for m in committed if "best" in m.tags][::-1]
-        return [m for m in committed if m.step == int(which)][::-1]
-
+        raise
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -13,42 +13,41 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
+from torch.distributed.checkpoint.api import CheckpointException
+
 from ..config import ExperimentConfig
+from ..errors import CheckpointError
 from ..model import ClusterTransformer, build_model
-from ..runlog import RunDirectory
 from .catalog import CheckpointCatalog
 from .manifest import Manifest, find_problems
 from .state import TrainingState
-from .storage import reader
+from .storage import SafeLoadPlanner, Storage, UnsafeCheckpointError, cause, guard
 
 EXPORT_FORMAT = "dtrain-model"
 
 
-def run_config(run_url: str) -> ExperimentConfig:
-    run = RunDirectory(run_url)
-    if not run.exists("config.json"):
-        raise FileNotFoundError(f"{run_url} is not a dtrain run directory (no config.json)")
-    return ExperimentConfig.from_dict(json.loads(run.read_text("config.json")), source="config.json")
-
-
 def choose_checkpoint(catalog: CheckpointCatalog, which: str = "latest", verify: bool = True,
                       report=print) -> Manifest:
-    """The newest sound committed checkpoint for ``which``; corrupt ones are reported and skipped."""
-    for manifest in catalog.candidates(which):
-        problems = find_problems(catalog.fs, catalog.directory(manifest.directory), manifest,
-                                 checksums=verify)
+    """The newest sound committed checkpoint for ``which``; corrupt ones are reported and skipped
+    (read-only: the tools that call this never quarantine anything)."""
+    for manifest in catalog.scan().candidates(which):
+        problems = find_problems(catalog.fs, catalog.directory(manifest.directory), manifest, checksums=verify)
         if not problems:
             return manifest
         report(f"dtrain: skipping {manifest.directory}: {'; '.join(problems)}")
-    raise FileNotFoundError(f"no sound committed checkpoint for {which!r} in {catalog.url}")
+    raise CheckpointError(f"no sound committed checkpoint for {which!r} in {catalog.url}; "
+                          "see `dtrain inspect` for what is there")
 
 
-def load_from_run(run_url: str, which: str = "latest", optimizer: bool = False, endpoint_url: str = "",
+def load_from_run(run_url: str, which: str = "latest", optimizer: bool = False, storage: Storage | None = None,
                   verify: bool = True):
     """``(model, optimizer state dict or None, manifest, config)`` consolidated from a run's checkpoint."""
-    config = run_config(run_url)
-    catalog = CheckpointCatalog(f"{run_url.rstrip('/')}/checkpoints", endpoint_url)
+    from ..rundir import RunDirectory
+    run = RunDirectory(run_url, storage)
+    catalog = run.catalog()
     manifest = choose_checkpoint(catalog, which, verify)
+    config = (ExperimentConfig.from_dict(manifest.config, source=f"{manifest.directory}/manifest.json")
+              if manifest.config else run.stored_config()[0])
     model = build_model(config.model, config.data.dim)
     wanted = {"model": model.state_dict()}
     optim = None
@@ -58,19 +57,26 @@ def load_from_run(run_url: str, which: str = "latest", optimizer: bool = False, 
         _, wanted["optimizer"] = get_state_dict(model, optim)  # creates AdamW's state to fill
     # Only the requested keys are read; the rest of the checkpoint stays on storage.
     state = {TrainingState.KEY: wanted}
+    url = f"{catalog.url}/{manifest.directory}"
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=reader(f"{catalog.url}/{manifest.directory}", endpoint_url),
-                 no_dist=True)
+        reader = catalog.storage.reader(url)
+        try:
+            with guard("loading checkpoint", url):
+                reader.read_metadata()
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+        except (UnsafeCheckpointError, CheckpointException) as error:
+            raise CheckpointError(f"loading {url} failed: {cause(error)}") from None
     model.load_state_dict(state[TrainingState.KEY]["model"])
+    if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
+        raise CheckpointError(f"{url} holds non-finite weights (a diverged run); pick an earlier step")
     return model.eval(), state[TrainingState.KEY].get("optimizer"), manifest, config
 
 
 def export(run_url: str, out: str, which: str = "latest", fmt: str = "pt", separate: bool = False,
-           endpoint_url: str = "") -> list[Path]:
+           storage: Storage | None = None) -> list[Path]:
     """Write a consolidated model (``.pt`` or ``.safetensors``), or model.pt + optimizer.pt in ``out``."""
-    model, optim, manifest, config = load_from_run(run_url, which, optimizer=separate,
-                                                   endpoint_url=endpoint_url)
+    model, optim, manifest, config = load_from_run(run_url, which, optimizer=separate, storage=storage)
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
     header = {"format": EXPORT_FORMAT, "version": 1, "config": config.to_dict(), "step": manifest.step,
               "checkpoint": manifest.directory}
@@ -92,15 +98,15 @@ def export(run_url: str, out: str, which: str = "latest", fmt: str = "pt", separ
 
 
 def load_model(source: str, which: str = "latest", config: ExperimentConfig | None = None,
-               endpoint_url: str = "") -> tuple[ClusterTransformer, ExperimentConfig]:
+               storage: Storage | None = None) -> tuple[ClusterTransformer, ExperimentConfig]:
     """A model for inference from a run directory, an export, or a plain ``torch.save`` file.
 
     A plain file may hold the model's state dict itself, or a dict with it under
     ``model`` / ``model_state_dict``; such files do not record the architecture,
     so ``config`` must be given for them.
     """
-    if "://" in source or Path(source, "config.json").exists():
-        model, _, _, run_cfg = load_from_run(source, which, endpoint_url=endpoint_url)
+    if "://" in source or Path(source).is_dir():
+        model, _, _, run_cfg = load_from_run(source, which, storage=storage)
         return model, run_cfg
     if source.endswith(".safetensors"):
         from safetensors import safe_open

@@ -2,27 +2,32 @@
 
 Every save goes to a new ``step_NNNNNNNN`` directory (DCP must never write over
 an existing checkpoint). It counts only once rank 0 has written its manifest,
-after DCP's ``.metadata`` exists and every file's checksum is known. Retention
-runs only after a commit, and never removes the newest or the best checkpoint.
+after DCP's ``.metadata`` exists and every file's checksum is known, and only
+while this job still holds the run directory's lease. Retention runs only after
+a commit and never removes the newest or the best checkpoint. A checkpoint that
+a load finds unusable is quarantined and the previous one is tried.
+
+Every rank reaches the same verdict at the same point: rank-0-only steps and
+per-rank checks are agreed (``dist.on_main``, ``dist.on_every_rank``), so a
+storage failure stops all ranks with one line instead of hanging them.
 """
 from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
-from ..dist import DistContext, broadcast_from_main
-from .catalog import CheckpointCatalog
-from .manifest import Manifest, checksum_files, data_files, find_problems
-from .storage import reader, writer
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one was required; the message says what to do."""
+from ..dist import DistContext, on_every_rank, on_main
+from ..errors import CheckpointError, StorageError
+from .catalog import CheckpointCatalog, Listing
+from .manifest import Manifest, checksum_files, data_files, find_problems, unlisted_shards
+from .storage import STORAGE_EXCEPTIONS, SafeLoadPlanner, UnsafeCheckpointError, cause, guard, root_errors
 
 
 @dataclass
@@ -38,20 +43,21 @@ class PendingSave:
 
 
 class CheckpointManager:
-    def __init__(self, url: str, ctx: DistContext, keep_last: int = 3, keep_every: int = 0,
-                 async_save: bool = False, verify: bool = True, endpoint_url: str = "",
-                 events=None):
-        self.catalog = CheckpointCatalog(url, endpoint_url, keep_last, keep_every)
-        self.url, self.fs, self.root = self.catalog.url, self.catalog.fs, self.catalog.root
+    def __init__(self, catalog: CheckpointCatalog, ctx: DistContext, async_save: bool = False,
+                 verify: bool = True, events=None, lease=None):
+        self.catalog = catalog
+        self.url, self.fs, self.root, self.storage = catalog.url, catalog.fs, catalog.root, catalog.storage
         self.ctx = ctx
-        self.async_save, self.verify, self.endpoint_url = async_save, verify, endpoint_url
+        self.async_save, self.verify = async_save, verify
         self.events = events  # callable(kind, **fields) on rank 0, or None
+        self.lease = lease  # rank 0's RunLease, checked before every commit; None elsewhere
         self._pending: PendingSave | None = None
         self.last_blocked_s = 0.0
-        self.last_directory = ""  # of the newest save this manager made
+        self.last_directory = ""  # of the newest save this manager started
+        self.last_committed: str | None = None  # newest committed checkpoint of this line (loaded or saved)
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtrain-checksum")
         # Background saves get their own gloo group: sharing the training group with
-        # FSDP's collectives hung or aborted with "collective mismatch" (DCP-NOTES.md).
+        # FSDP's collectives hung or aborted with "collective mismatch" (docs/design.md).
         self._save_group = dist.new_group(backend="gloo") if async_save else None
 
     # ---- saving ----------------------------------------------------------------------------
@@ -62,18 +68,19 @@ class CheckpointManager:
         in the background; otherwise the save is written and committed before returning.
         """
         self.wait()  # at most one save in flight
-        name = broadcast_from_main(self.ctx, self.catalog.new_directory(step) if self.ctx.is_main else None)
+        name = on_main(self.ctx, lambda: self.catalog.new_directory(step))
         url = f"{self.url}/{name}"
         self.last_directory = name
         started = time.perf_counter()
         background = self.async_save and not blocking
-        if background:
-            future = dcp.async_save(state, storage_writer=writer(url, self.endpoint_url),
-                                    process_group=self._save_group)
-        else:
-            dcp.save(state, storage_writer=writer(url, self.endpoint_url))
-            future = Future()
-            future.set_result(None)
+        with guard("writing checkpoint", url):  # DCP gathers every rank's failure: all raise
+            if background:
+                future = dcp.async_save(state, storage_writer=self.storage.writer(url),
+                                        process_group=self._save_group)
+            else:
+                dcp.save(state, storage_writer=self.storage.writer(url))
+                future = Future()
+                future.set_result(None)
         blocked = self.last_blocked_s = time.perf_counter() - started
         checksums = self._background.submit(self._checksum_my_share, future, name)
         self._pending = PendingSave(name, step, list(tags), info, started, blocked,
@@ -83,11 +90,14 @@ class CheckpointManager:
 
     def _checksum_my_share(self, future: Future, name: str) -> dict:
         """After DCP's write (every rank's, since DCP's finish is collective), hash 1/W of the files."""
-        future.result()
-        directory = f"{self.root}/{name}"
-        self.fs.invalidate_cache()
-        names = data_files(self.fs, directory)
-        return checksum_files(self.fs, directory, names[self.ctx.rank :: self.ctx.world_size])
+        url = f"{self.url}/{name}"
+        with guard("writing checkpoint", url):
+            future.result()
+        with guard("reading back checkpoint", url):
+            directory = f"{self.root}/{name}"
+            self.fs.invalidate_cache()
+            names = data_files(self.fs, directory)
+            return checksum_files(self.fs, directory, names[self.ctx.rank :: self.ctx.world_size])
 
     def poll(self) -> None:
         """Commit the save in flight if every rank has finished it (collective, cheap)."""
@@ -101,67 +111,126 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until the save in flight is written, then commit it (collective)."""
         if self._pending is not None:
-            self._pending.checksums.result()
             self._commit()
 
     def _commit(self) -> None:
         pending, self._pending = self._pending, None
-        shares = [None] * self.ctx.world_size
-        dist.all_gather_object(shares, pending.checksums.result())
-        if not self.ctx.is_main:
-            return
+        shares = on_every_rank(self.ctx, pending.checksums.result)
         files = {name: entry for share in shares for name, entry in share.items()}
         total_s = time.perf_counter() - pending.started
-        manifest = Manifest(step=pending.step, tags=pending.tags, files=files, created=time.time(),
-                            save={"mode": pending.mode, "blocked_s": round(pending.blocked_s, 4),
-                                  "total_s": round(total_s, 4)}, **pending.info)
-        self.catalog.write_manifest(pending.name, manifest.to_json())
-        removed = self.catalog.apply_retention()
-        if self.events:
-            self.events("checkpoint", step=pending.step, directory=pending.name, tags=pending.tags,
-                        mode=pending.mode, blocked_s=pending.blocked_s, total_s=total_s,
-                        bytes=sum(f["size"] for f in files.values()), removed=removed)
+
+        def write_manifest_and_retain() -> None:
+            if self.lease is not None:
+                self.lease.check()  # another job took the run over: commit nothing, delete nothing
+            manifest = Manifest(step=pending.step, tags=pending.tags, files=files, created=time.time(),
+                                save={"mode": pending.mode, "blocked_s": round(pending.blocked_s, 4),
+                                      "total_s": round(total_s, 4)},
+                                sequence=self.catalog.next_sequence(), parent=self.last_committed,
+                                **pending.info)
+            self.catalog.write_manifest(pending.name, manifest.to_json())
+            removed = self.catalog.apply_retention()
+            if self.events:
+                self.events("checkpoint", step=pending.step, directory=pending.name, tags=pending.tags,
+                            mode=pending.mode, blocked_s=pending.blocked_s, total_s=total_s,
+                            bytes=sum(f["size"] for f in files.values()), removed=removed)
+
+        on_main(self.ctx, write_manifest_and_retain)
+        self.last_committed = pending.name
 
     # ---- loading ---------------------------------------------------------------------------
-    def load(self, state: dict, which: str = "latest") -> Manifest | None:
+    def load(self, state: dict, which: str = "latest",
+             check: Callable[[], list[str]] | None = None) -> Manifest | None:
         """Load the newest sound checkpoint for ``which`` into ``state`` (collective).
 
         Each rank checks a share of the files (sizes always, checksums if ``verify``);
-        a torn or corrupt checkpoint is reported and the previous one is tried.
-        Returns the loaded manifest, or None when the run has no committed checkpoint.
+        ``check`` (per rank, after loading) may find more, such as non-finite values. A
+        damaged, corrupt or unsafe checkpoint is reported, quarantined, and the
+        previous one is tried. Returns the loaded manifest, or None when the run has no
+        committed checkpoint.
         """
-        candidates = broadcast_from_main(self.ctx, self.catalog.candidates(which) if self.ctx.is_main else None)
-        if not candidates:
-            if which not in ("latest", "best"):
-                raise CheckpointError(f"no committed checkpoint at step {which} in {self.url}; "
-                                      "see `dtrain inspect` for the steps there")
-            return None
+        listing: Listing = on_main(self.ctx, self.catalog.scan)
         rejected = []
+        for name, why in sorted(listing.damaged.items()):
+            self._reject(name, [why])
+            rejected.append(name)
+        candidates = listing.candidates(which)
+        if not candidates:
+            if which != "latest":
+                raise CheckpointError(f"no committed checkpoint {which!r} in {self.url}; "
+                                      "see `dtrain inspect` for what is there")
+            return None
         for manifest in candidates:
-            directory = f"{self.root}/{manifest.directory}"
-            mine = sorted(manifest.files)[self.ctx.rank :: self.ctx.world_size]
-            shares = [None] * self.ctx.world_size
-            dist.all_gather_object(shares, find_problems(self.fs, directory, manifest, mine, self.verify))
-            problems = [p for share in shares for p in share]
+            problems = self._problems(manifest)
+            if not problems:
+                problems = self._load_into(state, manifest)
+            if not problems and check is not None:
+                problems = sorted(set(p for share in on_every_rank(self.ctx, check) for p in share))
             if problems:
                 rejected.append(manifest.directory)
-                self._report(f"checkpoint {manifest.directory} is unusable ({'; '.join(problems)}); "
-                             "trying the previous one", "checkpoint_rejected",
-                             directory=manifest.directory, problems=problems)
+                self._reject(manifest.directory, problems)
                 continue
-            dcp.load(state, storage_reader=reader(f"{self.url}/{manifest.directory}", self.endpoint_url))
             if rejected:
                 self._report(f"resumed from {manifest.directory} after rejecting {', '.join(rejected)}",
                              "fallback", directory=manifest.directory, rejected=rejected)
+            self.last_committed = manifest.directory
             return manifest
         raise CheckpointError(f"none of the committed checkpoints in {self.url} is usable "
-                              f"({', '.join(rejected)}); run `dtrain verify` on it, or start a new run")
+                              f"({', '.join(rejected)} quarantined); run `dtrain verify` on it, or start a new run")
+
+    def _problems(self, manifest: Manifest) -> list[str]:
+        """Every rank checks its share of the files; rank 0 also that no shard is unlisted."""
+        directory = f"{self.root}/{manifest.directory}"
+        mine = sorted(manifest.files)[self.ctx.rank :: self.ctx.world_size]
+
+        def check_share() -> list[str]:
+            with guard("reading checkpoint", f"{self.url}/{manifest.directory}"):
+                problems = find_problems(self.fs, directory, manifest, mine, self.verify)
+                if self.ctx.is_main:
+                    present = {p.rsplit("/", 1)[-1] for p in self.fs.ls(directory, detail=False)}
+                    problems += unlisted_shards(present, manifest)
+                return problems
+
+        return [p for share in on_every_rank(self.ctx, check_share) for p in share]
+
+    def _load_into(self, state: dict, manifest: Manifest) -> list[str]:
+        """DCP's load (no code run: restricted metadata, weights-only objects); problems found.
+
+        A failure of the storage stops the job; anything else wrong with what was read
+        (unsafe or damaged metadata, missing keys, wrong sizes) rejects this checkpoint.
+        """
+        url = f"{self.url}/{manifest.directory}"
+        reader = self.storage.reader(url)
+        try:
+            with guard("loading checkpoint", url):
+                reader.read_metadata()
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
+        except UnsafeCheckpointError as error:
+            return [str(error)]
+        except CheckpointException as error:  # DCP gathers every rank's failure: all ranks are here
+            roots = root_errors(error)
+            if any(isinstance(e, STORAGE_EXCEPTIONS) and not isinstance(e, EOFError) for e in roots):
+                raise StorageError(f"loading checkpoint {url} failed: {cause(error)}") from error
+            return [" ".join(str(roots[0] if roots else error).split())[:200]]
+        return []
+
+    def _reject(self, name: str, problems: list[str]) -> None:
+        """Report a checkpoint as unusable and quarantine it (rank 0 writes, everyone agrees)."""
+        def quarantine() -> None:
+            print(f"dtrain: checkpoint {name} is unusable ({'; '.join(problems)}); quarantined, "
+                  "trying the previous one", flush=True)
+            self.catalog.quarantine(name, problems)
+            if self.events:
+                self.events("checkpoint_rejected", directory=name, problems=problems)
+
+        on_main(self.ctx, quarantine)
 
     def _report(self, message: str, event: str, **fields) -> None:
-        if self.ctx.is_main:
+        def report() -> None:
             print(f"dtrain: {message}", flush=True)
             if self.events:
                 self.events(event, **fields)
+
+        on_main(self.ctx, report)
 
     def close(self) -> None:
         self.wait()

@@ -1,47 +1,228 @@
-"""Checkpoint storage is a URL: a plain path is local, anything with ``://`` goes through fsspec.
+"""Storage is a URL: a plain path is local, anything with ``://`` goes through fsspec.
 
-Shard I/O is DCP's own: ``FileSystemWriter``/``Reader`` for local paths,
-``FsspecWriter``/``Reader`` for URLs (s3fs for ``s3://``, with the endpoint and
-credentials from the usual AWS environment variables, or from ``endpoint_url``).
+Shard I/O is DCP's own (``FileSystemWriter``/``Reader`` for local paths,
+``FsspecWriter``/``Reader`` for URLs: s3fs for ``s3://``, credentials from the
+usual AWS environment). Three things are added here, for every caller:
+
+- bounded storage calls: a per-request timeout and a few retries, so a stalled
+  endpoint ends the job with one line instead of hanging it;
+- loading executes no code: ``.metadata`` is unpickled by an unpickler that
+  admits only DCP's metadata types, and small non-tensor values are read with
+  ``torch.load(weights_only=True)`` (docs/design.md, "Trust boundary");
+- every storage failure becomes a ``StorageError`` whose message is one line
+  naming the URL and the cause.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import io
+import pickle
+from dataclasses import dataclass
 
 import fsspec
+import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._traverse import set_element
+
+from ..errors import StorageError
 
 CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How to reach a run's storage: the S3 endpoint, and the bounds on each call."""
+
+    endpoint_url: str = ""
+    timeout_s: float = 20.0  # per request (connect and read)
+    retries: int = 3  # attempts per request on a retryable error
+
+    @classmethod
+    def from_config(cls, checkpoint_cfg) -> "Storage":
+        return cls(checkpoint_cfg.endpoint_url, checkpoint_cfg.storage_timeout, checkpoint_cfg.storage_retries)
+
+    def options(self, url: str) -> dict:
+        """Keyword arguments for fsspec: endpoint, timeouts and retries for S3."""
+        if not url.startswith(("s3://", "s3a://")):
+            return {}
+        import s3fs
+        # s3fs retries a request itself (a class setting, no constructor argument: one value per
+        # process); botocore's own retries would multiply them, so botocore makes one attempt.
+        s3fs.S3FileSystem.retries = max(self.retries, 1)
+        options = {"config_kwargs": {"connect_timeout": self.timeout_s, "read_timeout": self.timeout_s,
+                                     "retries": {"max_attempts": 1}}}
+        if self.endpoint_url:
+            options["endpoint_url"] = self.endpoint_url
+        return options
+
+    def filesystem(self, url: str):
+        """``(fs, path)`` for a URL or a local path."""
+        with guard("opening", url):
+            return fsspec.core.url_to_fs(url, **self.options(url))
+
+    def writer(self, url: str):
+        if is_remote(url):
+            # S3 streams have no fileno(); with sync_files DCP would fall back to a host-wide os.sync().
+            return FsspecWriter(url, sync_files=False, overwrite=False, **self.options(url))
+        return FileSystemWriter(url, sync_files=True, overwrite=False)
+
+    def reader(self, url: str):
+        if is_remote(url):
+            return SafeFsspecReader(url, **self.options(url))
+        return SafeFileSystemReader(url)
 
 
 def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
-def storage_options(url: str, endpoint_url: str = "") -> dict:
-    """Keyword arguments for fsspec: an explicit S3 endpoint, if one is configured."""
-    if endpoint_url and url.startswith(("s3://", "s3a://")):
-        return {"endpoint_url": endpoint_url}
-    return {}
+# ---- loading runs no code ------------------------------------------------------------------
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
+_METADATA_NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                   ("torch", "Size"), ("torch.serialization", "_get_layout"),
+                   ("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                   ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
 
 
-def filesystem(url: str, endpoint_url: str = ""):
-    """``(fs, path)`` for a URL or a local path."""
-    return fsspec.core.url_to_fs(url, **storage_options(url, endpoint_url))
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits DCP's metadata classes, torch.Size, dtypes and layouts; nothing callable else."""
+
+    def find_class(self, module: str, name: str):
+        if module in _METADATA_MODULES or (module, name) in _METADATA_NAMES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                          torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata "
+                                     "(it could run code)")
 
 
-def writer(url: str, endpoint_url: str = ""):
-    if is_remote(url):
-        # S3 streams have no fileno(); with sync_files DCP would fall back to a host-wide os.sync().
-        return FsspecWriter(url, sync_files=False, overwrite=False, **storage_options(url, endpoint_url))
-    return FileSystemWriter(url, sync_files=True, overwrite=False)
+def load_metadata(stream):
+    return _MetadataUnpickler(stream).load()
 
 
-def reader(url: str, endpoint_url: str = ""):
-    if is_remote(url):
-        return FsspecReader(url, **storage_options(url, endpoint_url))
-    return FileSystemReader(url)
+class _SafeMetadata:
+    """DCP's ``read_metadata`` with the restricted unpickler instead of ``pickle.load``.
+
+    The result is kept, so a caller can read (and vet) the metadata before ``dcp.load``
+    without a second read: DCP logs a failed metadata read with a traceback on the root
+    logger, so failures are best found here first.
+    """
+
+    _metadata = None
+
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+        if self._metadata is None or kwargs.get("rank") is not None:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as stream:
+                try:
+                    metadata = load_metadata(stream)
+                except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
+                        TypeError, ValueError) as error:
+                    raise UnsafeCheckpointError(f".metadata: {error}") from None
+            if kwargs.get("rank") is not None:
+                return metadata
+            self._metadata = metadata
+        if getattr(self._metadata, "storage_meta", None) is None:
+            self._metadata.storage_meta = StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint's .metadata is damaged or asks to run code; it is never loaded."""
+
+
+class SafeFileSystemReader(_SafeMetadata, FileSystemReader):
+    pass
+
+
+class SafeFsspecReader(_SafeMetadata, FsspecReader):
+    pass
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, but small non-tensor values are read with ``weights_only=True``."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+# ---- one line for every storage failure ----------------------------------------------------
+def _storage_exceptions() -> tuple[type[BaseException], ...]:
+    kinds: list[type[BaseException]] = [OSError, CheckpointException]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+        kinds += [BotoCoreError, ClientError]
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+STORAGE_EXCEPTIONS = _storage_exceptions()
+
+_ERRNO_FIX = {errno.ENOSPC: "no space left on device; free space or point --run-dir elsewhere",
+              errno.EDQUOT: "disk quota exceeded; free space or point --run-dir elsewhere",
+              errno.EROFS: "read-only file system; point --run-dir at a writable location",
+              errno.EACCES: "permission denied; check the directory's owner and mode",
+              errno.EPERM: "operation not permitted; check the directory's owner and mode",
+              errno.ENOTDIR: "a part of the path is a file, not a directory; pass a directory",
+              errno.EISDIR: "is a directory where a file was expected"}
+
+
+def root_errors(error: BaseException) -> list[BaseException]:
+    """The per-rank exceptions inside DCP's ``CheckpointException``, or the error itself."""
+    if isinstance(error, CheckpointException):
+        return [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
+    return [error]
+
+
+def cause(error: BaseException) -> str:
+    """The root of a storage failure, in one line, with the fix where one is known."""
+    if isinstance(error, CheckpointException):  # DCP gathers every rank's failure
+        roots = root_errors(error)
+        return cause(roots[0]) if roots else "checkpoint failed"
+    if isinstance(error, OSError) and error.errno in _ERRNO_FIX:
+        return _ERRNO_FIX[error.errno]
+    text = " ".join(str(error).split()) or type(error).__name__
+    name = type(error).__name__
+    if name == "NoCredentialsError":
+        return "no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile)"
+    if "AWS Access Key Id" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text \
+            or "signature we calculated" in text:
+        return "S3 refused the credentials; check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    if name in ("EndpointConnectionError", "ConnectionRefusedError", "ClientConnectorError") or \
+            "Could not connect" in text or "Connection refused" in text or "Cannot connect" in text:
+        return f"cannot connect to the storage endpoint ({text[:160]}); check --checkpoint.endpoint_url " \
+               "or AWS_ENDPOINT_URL"
+    if isinstance(error, TimeoutError) or "Timeout" in name or "timed out" in text.lower():
+        return ("storage did not answer in time (--checkpoint.storage_timeout, "
+                f"--checkpoint.storage_retries): {text[:160]}")
+    if name == "NoSuchBucket" or "bucket does not exist" in text.lower():
+        return "the bucket does not exist; create it or fix --run-dir"
+    return f"{name}: {text[:240]}"
+
+
+@contextlib.contextmanager
+def guard(action: str, url: str):
+    """Turn storage failures inside the block into a one-line ``StorageError``."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except STORAGE_EXCEPTIONS as error:
+        raise StorageError(f"{action} {url} failed: {cause(error)}") from error
 
 
 def sha256_of(fs, path: str) -> str:

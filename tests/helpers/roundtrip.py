@@ -12,7 +12,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from dtrain.config import ExperimentConfig
 from dtrain.dist import init_distributed, shutdown
-from dtrain.runlog import RunDirectory
+from dtrain.rundir import RunDirectory
 from dtrain.trainer import Trainer
 
 

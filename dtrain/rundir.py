@@ -1,0 +1,159 @@
+"""The run directory: where a run's files are, and how they are read and written.
+
+    RUN/config.json        the resolved configuration of the first start
+    RUN/events.jsonl       starts, resumes, changes, checkpoints, stops (one JSON per line)
+    RUN/metrics.jsonl      train and eval lines
+    RUN/samples/           per-rank consumed sample indices (--data.record_indices)
+    RUN/lease.json         which job holds the run (dtrain/lease.py)
+    RUN/checkpoints/       DCP checkpoints (dtrain/checkpoint/catalog.py)
+
+``RUN`` is a local path or an fsspec URL; every form a user may type names one
+directory (``runs/a``, ``./runs/a/``, ``file:///abs/runs/a``). Only rank 0 writes
+these files. Small files are written whole or not at all; a JSONL line cut short
+by a killed writer is skipped when read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from .checkpoint.catalog import CheckpointCatalog, atomic_write
+from .checkpoint.manifest import Manifest
+from .checkpoint.storage import Storage, guard, is_remote
+from .config import ConfigError, ExperimentConfig
+
+CONFIG, EVENTS, METRICS, SAMPLES, CHECKPOINTS = "config.json", "events.jsonl", "metrics.jsonl", "samples", "checkpoints"
+
+
+def normalize_run_url(url: str) -> str:
+    """One spelling per directory: local paths absolute, URLs without a trailing slash."""
+    text = str(url).strip()
+    if not text:
+        raise ConfigError("--run-dir is empty; pass the directory (or s3://bucket/prefix) of the run")
+    if text.startswith("file://"):
+        text = text[len("file://"):] or "/"
+    if is_remote(text):
+        scheme, _, rest = text.partition("://")
+        if not rest.strip("/"):
+            raise ConfigError(f"--run-dir={url!r} names no bucket or path; use e.g. {scheme}://bucket/runs/a")
+        return f"{scheme}://{rest.rstrip('/')}"
+    path = os.path.abspath(os.path.expanduser(text))
+    if path == os.path.abspath(os.sep):
+        raise ConfigError(f"--run-dir={url!r} is the file-system root; pass a directory below it, e.g. runs/a")
+    return path
+
+
+class RunDirectory:
+    def __init__(self, url: str, storage: Storage | None = None):
+        self.url = normalize_run_url(url)
+        self.storage = storage or Storage()
+        self.fs, self.root = self.storage.filesystem(self.url)
+
+    @property
+    def checkpoints_url(self) -> str:
+        return f"{self.url}/{CHECKPOINTS}"
+
+    def catalog(self, keep_last: int = 3, keep_every: int = 0) -> CheckpointCatalog:
+        return CheckpointCatalog(self.checkpoints_url, self.storage, keep_last, keep_every)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def exists(self, *parts: str) -> bool:
+        with guard("reading", self.url):
+            return self.fs.exists(self.path(*parts))
+
+    def check_is_directory(self) -> None:
+        with guard("reading", self.url):
+            if self.fs.exists(self.root) and not self.fs.isdir(self.root):
+                raise ConfigError(f"--run-dir={self.url} is a file, not a directory; pass a directory")
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write a whole file atomically: one PUT on object stores, temporary + rename locally."""
+        with guard("writing", f"{self.url}/{name}"):
+            self.fs.makedirs(self.root, exist_ok=True)
+            if is_remote(self.url):
+                self.fs.pipe_file(self.path(name), text.encode())
+            else:
+                atomic_write(self.path(name), text)
+
+    def read_text(self, name: str) -> str:
+        with guard("reading", f"{self.url}/{name}"):
+            return self.fs.cat_file(self.path(name)).decode(errors="replace")
+
+    def delete(self, name: str) -> None:
+        with guard("deleting", f"{self.url}/{name}"):
+            try:
+                self.fs.rm_file(self.path(name))
+            except FileNotFoundError:
+                pass
+
+    def append_jsonl(self, name: str, record: dict) -> None:
+        line = json.dumps(record, sort_keys=True) + "\n"
+        with guard("writing", f"{self.url}/{name}"):
+            self.fs.makedirs(self.fs._parent(self.path(name)), exist_ok=True)
+            with self.fs.open(self.path(name), "a") as f:
+                f.write(line)
+
+    def read_jsonl(self, name: str) -> list[dict]:
+        """The records of a JSONL file; a line cut short (or otherwise unreadable) is skipped."""
+        if not self.exists(name):
+            return []
+        records = []
+        for line in self.read_text(name).splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+    def list(self, name: str) -> list[str]:
+        """Names of the files in a subdirectory (empty when it does not exist)."""
+        if not self.exists(name):
+            return []
+        with guard("listing", f"{self.url}/{name}"):
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(name), detail=False))
+
+    def event(self, kind: str, **fields) -> None:
+        self.append_jsonl(EVENTS, {"event": kind, "time": time.time(), **fields})
+
+    # ---- the stored configuration ------------------------------------------------------------
+    def first_config(self) -> tuple[ExperimentConfig | None, str]:
+        """``config.json`` as a config, or ``(None, why it cannot be used)``; ``(None, "")`` if absent."""
+        if not self.exists(CONFIG):
+            return None, ""
+        text = self.read_text(CONFIG)
+        try:
+            values = json.loads(text)
+            if not isinstance(values, dict):
+                raise ValueError(f"a JSON {type(values).__name__}, not an object")
+            return ExperimentConfig.from_dict(values, source=CONFIG), ""
+        except (ValueError, ConfigError) as error:
+            what = "empty" if not text.strip() else f"unreadable ({str(error).splitlines()[0][:120]})"
+            return None, f"{CONFIG} is {what}"
+
+    def stored_config(self) -> tuple[ExperimentConfig, Manifest | None, str]:
+        """The run's configuration as of its newest committed checkpoint (so changes made on
+        earlier resumes persist), else ``config.json``; that manifest; and a note when
+        ``config.json`` could not be used. ``ConfigError`` when neither is usable."""
+        first, problem = self.first_config()
+        committed = self.catalog().scan().committed
+        newest = committed[-1] if committed else None
+        if newest is not None and newest.config:
+            try:
+                config = ExperimentConfig.from_dict(newest.config, source=f"{newest.directory}/manifest.json")
+            except ConfigError:
+                config = None
+            if config is not None:
+                problem = problem or (f"{CONFIG} is missing" if first is None else "")
+                note = f"{problem}; using the configuration recorded in {newest.directory}" if problem else ""
+                return config, newest, note
+        if first is not None:
+            return first, newest, ""
+        if problem:
+            raise ConfigError(f"{self.url}/{problem} and no committed checkpoint records the configuration; "
+                              "restore it, or start a new run with a new --run-dir")
+        raise ConfigError(f"{self.url} holds no dtrain run (no {CONFIG}); check the path")
