@@ -4,9 +4,14 @@ SIGTERM (spot/preemptible instances, Kubernetes, torchrun's agent) and SIGUSR1
 (SLURM's ``--signal``) ask the job to stop. A rank that received one says so in
 a one-integer all-reduce at the next step boundary, and every rank then saves
 and exits together (docs/design.md, "Stopping is agreed"). The same integer
-carries a rank's storage failure, so every rank stops on it together. A second
-signal, or the grace deadline, ends the process at once: a checkpoint that
-cannot finish must not hold the machine past its notice.
+carries a rank's storage failure, so every rank stops on it together.
+
+A signal sent to a whole process group (SLURM's step, a terminal's Ctrl-C, a
+container runtime) reaches a worker twice: once directly, once forwarded by
+torchrun's agent. Repeats within ``REPEAT_WINDOW_S`` of the first are that same
+request. A signal after that window (a person insisting), or the grace
+deadline, ends the process at once: a checkpoint that cannot finish must not
+hold the machine past its notice.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -22,9 +28,13 @@ from .config import stop_signals
 from .errors import EXIT_PREEMPTED  # noqa: F401  (re-exported: sysexits' EX_TEMPFAIL)
 
 
+REPEAT_WINDOW_S = 2.0
+
+
 class StopRequest:
     def __init__(self, signal_names: str, grace_seconds: float = 0.0):
         self.received: str | None = None
+        self.received_at = 0.0
         self.grace_seconds = grace_seconds
         self._previous = {}
         if threading.current_thread() is not threading.main_thread():
@@ -35,9 +45,11 @@ class StopRequest:
     def _handle(self, number, frame) -> None:
         name = signal.Signals(number).name
         if self.received is not None:
+            if time.monotonic() - self.received_at < REPEAT_WINDOW_S:
+                return  # the same request, delivered twice (process group + torchrun's forwarding)
             print(f"dtrain: second signal ({name}) while stopping; exiting now", file=sys.stderr, flush=True)
             os._exit(128 + number)
-        self.received = name
+        self.received, self.received_at = name, time.monotonic()
         if self.grace_seconds:
             timer = threading.Timer(self.grace_seconds, self._deadline)
             timer.daemon = True

@@ -72,10 +72,10 @@ class RunDirectory:
     def write_text(self, name: str, text: str) -> None:
         """Write a whole file atomically: one PUT on object stores, temporary + rename locally."""
         with guard("writing", f"{self.url}/{name}"):
-            self.fs.makedirs(self.root, exist_ok=True)
-            if is_remote(self.url):
+            if is_remote(self.url):  # no directories to make (s3fs would create a missing bucket)
                 self.fs.pipe_file(self.path(name), text.encode())
             else:
+                self.fs.makedirs(self.root, exist_ok=True)
                 atomic_write(self.path(name), text)
 
     def read_text(self, name: str) -> str:
@@ -92,7 +92,8 @@ class RunDirectory:
     def append_jsonl(self, name: str, record: dict) -> None:
         line = json.dumps(record, sort_keys=True) + "\n"
         with guard("writing", f"{self.url}/{name}"):
-            self.fs.makedirs(self.fs._parent(self.path(name)), exist_ok=True)
+            if not is_remote(self.url):
+                self.fs.makedirs(self.fs._parent(self.path(name)), exist_ok=True)
             with self.fs.open(self.path(name), "a") as f:
                 f.write(line)
 

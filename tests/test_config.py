@@ -46,6 +46,14 @@ def test_precedence_preset_then_file_then_command_line(tmp_path):
     (["--train.micro_batch_size=5"], "multiple of 5"),
     (["--preset", "huge"], "invalid choice: 'huge'"),
     (["--config", "/nonexistent.toml"], "does not exist"),
+    (["--train.lr=nan"], "--train.lr=nan is not a finite number"),
+    (["--checkpoint.interval_seconds=inf"], "is not a finite number"),
+    (["--train.max_steps=inf"], "expected int"),
+    (["--checkpoint.stop_signals=SIGKILL"], "SIGKILL cannot be caught"),
+    (["--checkpoint.stop_signals=SIGTERM,NOPE"], "'NOPE' is not a signal"),
+    (["--checkpoint.endpoint_url=s3.example.com"], "is not an http(s) URL"),
+    (["--checkpoint.storage_timeout=0"], "storage_timeout must be positive"),
+    (["--resume=yesterday"], "--resume='yesterday' is not latest, best, never, restart"),
 ])
 def test_bad_values_stop_with_one_line_naming_the_key(argv, words, capsys):
     code, out = run_main(argv, capsys)
@@ -72,3 +80,21 @@ def test_global_batch_split_follows_world_size():
         validate(config, world_size=3)
     with pytest.raises(ConfigError, match="multiple of 64"):
         micro_batches(config, 16)
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("list.json", "[1, 2]", "holds a list"),
+    ("section.json", '{"train": 5}', "section 'train' in"),
+    ("value.json", '{"train": {"lr": [1]}}', "train.lr=[1]"),
+    ("flag.json", '{"train": {"max_steps": true}}', "train.max_steps=True"),
+    ("preset.toml", 'preset = 3', "preset 3"),
+    ("bad.toml", "[train\nlr = 1", "is not valid TOML"),
+    ("binary.toml", "\udcff", "is not valid TOML"),
+])
+def test_config_files_of_the_wrong_shape_are_one_line(tmp_path, capsys, name, text, words):
+    path = tmp_path / name
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    code, out = run_main(["--config", str(path), "--run-dir", str(tmp_path / "run")], capsys)
+    assert code == 2, out
+    assert words in out.err and len(out.err.strip().splitlines()) == 1, out.err
+    assert not (tmp_path / "run").exists()

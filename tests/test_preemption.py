@@ -100,7 +100,11 @@ time.sleep(0.2)
 assert stop.received == "SIGUSR1"
 print("flag set", flush=True)
 if sys.argv[2] == "second":
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # within 2 s: the same request, delivered twice
+    time.sleep(0.2)
+    print("still running", flush=True)
+    time.sleep(2.0)
+    os.kill(os.getpid(), signal.SIGTERM)  # later: a person insisting
 time.sleep(30)
 """
     started = time.monotonic()
@@ -108,7 +112,7 @@ time.sleep(30)
     assert grace.returncode == 128 + signal.SIGTERM and "grace period of 0.5 s" in grace.stderr
     second = subprocess.run([sys.executable, "-c", script, "0", "second"], capture_output=True, text=True)
     assert second.returncode == 128 + signal.SIGTERM and "second signal" in second.stderr
-    assert "flag set" in second.stdout and time.monotonic() - started < 20
+    assert "flag set" in second.stdout and "still running" in second.stdout and time.monotonic() - started < 20
 
 
 def test_the_chaos_harness_ends_with_a_sound_run(tmp_path):

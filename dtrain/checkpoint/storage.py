@@ -202,14 +202,18 @@ def cause(error: BaseException) -> str:
     if "AWS Access Key Id" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text \
             or "signature we calculated" in text:
         return "S3 refused the credentials; check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-    if name in ("EndpointConnectionError", "ConnectionRefusedError", "ClientConnectorError") or \
+    if isinstance(error, PermissionError) or "Forbidden" in text or "AccessDenied" in text:
+        return (f"the storage refused access ({text[:80]}); check the credentials (AWS_ACCESS_KEY_ID, "
+                "AWS_SECRET_ACCESS_KEY) and the bucket's permissions")
+    if name in ("EndpointConnectionError", "ConnectionRefusedError", "ClientConnectorError",
+                "ConnectionClosedError") or \
             "Could not connect" in text or "Connection refused" in text or "Cannot connect" in text:
         return f"cannot connect to the storage endpoint ({text[:160]}); check --checkpoint.endpoint_url " \
                "or AWS_ENDPOINT_URL"
     if isinstance(error, TimeoutError) or "Timeout" in name or "timed out" in text.lower():
         return ("storage did not answer in time (--checkpoint.storage_timeout, "
                 f"--checkpoint.storage_retries): {text[:160]}")
-    if name == "NoSuchBucket" or "bucket does not exist" in text.lower():
+    if name == "NoSuchBucket" or "bucket does not exist" in text.lower() or "NoSuchBucket" in text:
         return "the bucket does not exist; create it or fix --run-dir"
     return f"{name}: {text[:240]}"
 
