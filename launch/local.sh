@@ -14,14 +14,18 @@ RUN_DIR=${RUN_DIR:-runs/local}
 NPROC=${NPROC:-$(python3 -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
 export DTRAIN_EXIT_CODE_FILE=${DTRAIN_EXIT_CODE_FILE:-$(mktemp)}
 rm -f "$DTRAIN_EXIT_CODE_FILE"
-
+started=$(date +%s)
 torchrun --standalone --nproc_per_node="$NPROC" -m dtrain.train --run-dir "$RUN_DIR" "$@" &
 pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
 wait "$pid"; status=$?
 # `wait` returns early when a trapped signal arrives; wait again for the save and the exit.
 while kill -0 "$pid" 2>/dev/null; do wait "$pid"; status=$?; done
-if [ -s "$DTRAIN_EXIT_CODE_FILE" ]; then status=$(cat "$DTRAIN_EXIT_CODE_FILE"); fi
+if [ -s "$DTRAIN_EXIT_CODE_FILE" ]; then
+    status=$(cat "$DTRAIN_EXIT_CODE_FILE")
+elif [ "$status" -ne 0 ]; then   # rank 0 was killed before it could say: ask the run's events
+    python3 -m dtrain.cli status "$RUN_DIR" --since "$started"; status=$?
+fi
 rm -f "$DTRAIN_EXIT_CODE_FILE"
 echo "dtrain: exit $status (0 done, 75 stopped with a checkpoint: run again to continue)" >&2
 exit "$status"

@@ -1,4 +1,4 @@
-"""One training state, saved and loaded with one DCP call (DESIGN invariant 6)."""
+"""One training state, saved and loaded with one DCP call (docs/design.md, "One training state")."""
 from __future__ import annotations
 
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
