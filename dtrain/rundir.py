@@ -18,9 +18,9 @@ import json
 import os
 import time
 
-from .checkpoint.catalog import CheckpointCatalog, atomic_write
+from .checkpoint.catalog import CheckpointCatalog
 from .checkpoint.manifest import Manifest
-from .checkpoint.storage import Storage, guard, is_remote
+from .checkpoint.storage import Storage, guard, is_remote, write_whole
 from .config import ConfigError, ExperimentConfig
 
 CONFIG, EVENTS, METRICS, SAMPLES, CHECKPOINTS = "config.json", "events.jsonl", "metrics.jsonl", "samples", "checkpoints"
@@ -72,11 +72,9 @@ class RunDirectory:
     def write_text(self, name: str, text: str) -> None:
         """Write a whole file atomically: one PUT on object stores, temporary + rename locally."""
         with guard("writing", f"{self.url}/{name}"):
-            if is_remote(self.url):  # no directories to make (s3fs would create a missing bucket)
-                self.fs.pipe_file(self.path(name), text.encode())
-            else:
+            if not is_remote(self.url):  # object stores need no directories (s3fs would create a bucket)
                 self.fs.makedirs(self.root, exist_ok=True)
-                atomic_write(self.path(name), text)
+            write_whole(self.fs, self.path(name), text)
 
     def read_text(self, name: str) -> str:
         with guard("reading", f"{self.url}/{name}"):

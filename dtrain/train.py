@@ -17,10 +17,11 @@ import torch.distributed as dist
 
 from .checkpoint.catalog import Listing
 from .checkpoint.storage import Storage
-from .config import ExperimentConfig, Settings, all_keys, build_parser, parse_args, validate
+from .config import ExperimentConfig, Settings, build_parser, parse_args, validate
 from .dist import broadcast_from_main, init_distributed, on_main, shutdown
 from .errors import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, KINDS, CheckpointError, ConfigError, DtrainError
 from .lease import RunLease
+from .resume import changed_keys, refusal
 from .rundir import CONFIG, RunDirectory
 from .trainer import Trainer
 
@@ -31,10 +32,6 @@ below (precedence: preset < config file < command line). In a run directory that
 already holds a run, training continues from its newest committed checkpoint with
 the run's configuration, changed only by the options given.
 Run under torchrun for several ranks: torchrun --nproc_per_node=N -m dtrain.train ..."""
-
-# Keys a checkpoint cannot follow: they change the shapes of the saved tensors.
-SHAPE_KEYS = ("model.width", "model.layers", "model.heads", "model.mlp_ratio", "data.dim")
-
 
 def stored_config(run_url: str, storage: Storage | None = None):
     """A run's configuration (as of its newest committed checkpoint) and that manifest."""
@@ -96,23 +93,12 @@ def _plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: in
                           "pick one of those, or drop --resume for the newest")
     stored, _, note = run.stored_config()
     notes.append(note)
-    if settings.preset and settings.preset != stored.preset_name:
-        raise ConfigError(f"--preset {settings.preset} differs from the run's preset {stored.preset_name}; "
-                          "omit --preset to continue the run, or pass a new --run-dir")
     config = settings.apply(copy.deepcopy(stored))
-    old, new = stored.to_dict(), config.to_dict()
-    changed = {}
-    for key in all_keys():
-        section, name = key.split(".")
-        if old[section][name] != new[section][name]:
-            changed[key] = [old[section][name], new[section][name]]
-    for key in SHAPE_KEYS:
-        if key in changed:
-            raise ConfigError(f"--{key}={changed[key][1]} differs from the run's {changed[key][0]}: "
-                              "a checkpoint cannot change the model's shape; pass a new --run-dir")
+    if problem := refusal(stored, config, settings.preset):
+        raise ConfigError(problem)
     validate(config, world_size)
     notes.append(lease.acquire())
-    return {"config": new, "changed": changed, "notes": [n for n in notes if n]}
+    return {"config": config.to_dict(), "changed": changed_keys(stored, config), "notes": [n for n in notes if n]}
 
 
 def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_at_step: int | None = None,

@@ -13,12 +13,13 @@ from .checkpoint import CheckpointManager, Manifest, TrainingState
 from .config import ExperimentConfig, micro_batches
 from .data import VALIDATION_STREAM, make_examples, mixture_spec, train_streams
 from .dist import DistContext, broadcast_from_main, on_every_rank, on_main
-from .errors import ConfigError, DtrainError, TrainingDiverged
+from .errors import DtrainError, TrainingDiverged
 from .metrics import kmeans_centres, set_mean_centres, squared_error, wasserstein
 from .model import build_model, count_parameters
 from .parallel import resolve_precision, shard_model
 from .preempt import StopRequest
 from .progress import Progress
+from .resume import Position, plan_record, planned_samples, reconcile
 from .rundir import METRICS, RunDirectory
 from .sampler import ElasticSampler, GlobalBatch
 from .schedule import LRSchedule
@@ -61,18 +62,8 @@ class Trainer:
 
     @property
     def planned_samples(self) -> int:
-        """Samples seen when training ends, counted from the current point.
-
-        max_steps counts optimizer steps, whatever batch size they had; otherwise
-        training ends with epoch num_epochs - 1, whatever lengths its epochs had.
-        """
-        train, sampler = self.config.train, self.sampler
-        if train.max_steps:
-            return self.samples_seen + max(train.max_steps - self.step, 0) * train.global_batch_size
-        if sampler.epoch >= train.num_epochs:
-            return self.samples_seen
-        return (self.samples_seen + sampler.epoch_length - sampler.samples_in_epoch
-                + (train.num_epochs - sampler.epoch - 1) * sampler.train_samples)
+        """Samples seen when training ends, counted from the current point."""
+        return planned_samples(self.config.train, self.step, self.samples_seen, self.sampler)
 
     @property
     def total_steps(self) -> int:
@@ -85,9 +76,7 @@ class Trainer:
         return self.step >= train.max_steps if train.max_steps else self.sampler.epoch >= train.num_epochs
 
     def plan_record(self) -> dict:
-        """The settings a resume compares against to see what the user changed."""
-        return {"global_batch_size": self.config.train.global_batch_size, "lr": self.config.train.lr,
-                "val_seed": self.config.data.val_seed, "val_samples": self.config.data.val_samples}
+        return plan_record(self.config)
 
     # ---- checkpoints -----------------------------------------------------------------------
     def state(self) -> dict:
@@ -98,12 +87,14 @@ class Trainer:
         manifest = self.checkpoints.load(self.state(), which, check=self._nonfinite_state)
         if manifest is not None:
             self.metrics = dict(manifest.metrics)
-            changes = self._reconcile()
+            saved = Position(self.step, self.samples_seen, self.sampler, self.schedule, self.best, self.saved_plan)
+            position, changes = reconcile(self.config, saved)
+            self.sampler, self.schedule, self.best = position.sampler, position.schedule, position.best
 
             def announce() -> None:
-                for kind, message, fields in changes:
-                    print(f"dtrain: {message}", flush=True)
-                    self.run.event(kind, step=self.step, **fields)
+                for change in changes:
+                    print(f"dtrain: {change.message}", flush=True)
+                    self.run.event(change.event, step=self.step, **change.fields)
 
             on_main(self.ctx, announce)
         return manifest
@@ -116,57 +107,6 @@ class Trainer:
                     if torch.is_tensor(value) and value.is_floating_point()
                     and not torch.isfinite(value.to_local() if hasattr(value, "to_local") else value).all()]
         return [f"non-finite values in {', '.join(sorted(set(bad))[:3])}"] if bad else []
-
-    def _reconcile(self) -> list[tuple[str, str, dict]]:
-        """Apply what the configuration changes relative to the checkpoint; say what changed.
-
-        Runs on every rank with the same inputs, so every rank makes the same changes.
-        """
-        data, train, sampler, saved = self.config.data, self.config.train, self.sampler, self.saved_plan
-        changes = []
-        if (data.seed, data.mode) != (sampler.seed, sampler.mode):
-            if not data.allow_new_order:
-                raise ConfigError(f"--data.seed={data.seed} --data.mode={data.mode} differ from the "
-                                  f"checkpoint's seed {sampler.seed}, mode {sampler.mode}: the sample order "
-                                  "would not continue; pass --data.allow_new_order=true to start a new epoch with them")
-            old = {"seed": sampler.seed, "mode": sampler.mode}
-            sampler.reidentify(data.seed, data.mode)
-            changes.append(("data_order_changed", f"new data order {old} -> seed {data.seed}, mode {data.mode}; "
-                            f"epoch {sampler.epoch} starts now", {"old": old, "epoch": sampler.epoch}))
-        if data.train_samples != sampler.train_samples:
-            old, epoch = sampler.train_samples, sampler.epoch
-            sampler.resize(data.train_samples, now=data.resize_now)
-            when = "now" if sampler.epoch != epoch or sampler.samples_in_epoch == 0 else "from the next epoch"
-            changes.append(("epoch_length_changed", f"epoch length {old} -> {data.train_samples} {when} "
-                            f"(epoch {sampler.epoch}, position {sampler.samples_in_epoch})",
-                            {"old": old, "new": data.train_samples, "when": when, "epoch": sampler.epoch}))
-        factor = train.lr / saved["lr"]
-        if train.scale_lr and train.global_batch_size != saved["global_batch_size"]:
-            factor *= train.global_batch_size / saved["global_batch_size"]
-        if factor != 1.0:
-            self.schedule = self.schedule.scaled(factor)
-            changes.append(("lr_scaled", f"learning-rate curve scaled by {factor:g} (lr {saved['lr']:g} -> "
-                            f"{train.lr:g}, global batch {saved['global_batch_size']} -> {train.global_batch_size}, "
-                            f"scale_lr={train.scale_lr})", {"factor": factor}))
-        end = self.planned_samples
-        if end != self.schedule.total_samples:
-            old_end = self.schedule.total_samples
-            if train.reconfigure_scheduler:
-                self.schedule = self.schedule.replan(self.samples_seen, end)
-                message = (f"LR schedule re-planned from sample {self.samples_seen} to {end} (was {old_end}), "
-                           f"continuing from lr {self.schedule(self.samples_seen):.3g}")
-            else:
-                message = (f"the plan now ends at sample {end} (was {old_end}); the LR keeps its old curve "
-                           "(pass --train.reconfigure_scheduler=true to re-plan it)")
-            changes.append(("schedule_replanned" if train.reconfigure_scheduler else "schedule_kept", message,
-                            {"old_total": old_end, "new_total": end, "samples_seen": self.samples_seen}))
-        if (data.val_seed, data.val_samples) != (saved["val_seed"], saved["val_samples"]):
-            self.best = {"val_mse": math.inf, "step": -1}  # scores on another set do not compare
-            changes.append(("validation_changed", f"new validation set (seed {saved['val_seed']} -> {data.val_seed}, "
-                            f"{saved['val_samples']} -> {data.val_samples} examples): metrics before and after "
-                            f"step {self.step} are not comparable, and best restarts",
-                            {"old": [saved["val_seed"], saved["val_samples"]]}))
-        return changes
 
     def save(self, tags: list[str], blocking: bool) -> None:
         info = {"progress": {"step": self.step, "samples_seen": self.samples_seen,

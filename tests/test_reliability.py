@@ -24,9 +24,16 @@ TINY = ["--preset", "tiny", "--train.log_interval=1", "--train.eval_interval=0",
 ROOT = Path(__file__).parent.parent
 
 
-def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "dtrain.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+def cli(*args):
+    """``dtrain ARGS`` in this process (the tools need no process group): code, stdout, stderr."""
+    import contextlib
+    import io
+
+    from dtrain.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def one_line(result) -> str:
@@ -239,8 +246,7 @@ def commit_as_is(directory: Path, step: int | None = None, sequence: int | None 
 
 
 # ---- 11 and 13. damaged manifests: rejected, quarantined, not counted, named ----
-@pytest.mark.parametrize("content", ['{"step": 8', "[1, 2, 3]", '{"format": 2}', "\x00\x01",
-                                     "describes-nothing"])
+@pytest.mark.parametrize("content", ['{"step": 8', "[1, 2, 3]", "describes-nothing"])
 def test_a_damaged_manifest_is_rejected_and_the_previous_checkpoint_used(run_copy, content):
     manifest = run_copy / "checkpoints/step_00000008/manifest.json"
     if content == "describes-nothing":
@@ -262,6 +268,30 @@ def test_a_damaged_manifest_is_rejected_and_the_previous_checkpoint_used(run_cop
             if not (p.parent / "rejected.json").exists()]
     assert sorted(good) == ["step_00000008_1", "step_00000010", "step_00000012"]
     assert "rejected" in cli("inspect", str(run_copy)).stdout
+
+
+@pytest.mark.parametrize("content", ['{"format": 2}', "\x00\x01", "null", '{"format": 1, "step": "8"}',
+                                     "wrong-size", "unlisted-shard", "nan-metrics"])
+def test_every_shape_of_damaged_manifest_is_named_by_verify_and_inspect(run_copy, content):
+    manifest = run_copy / "checkpoints/step_00000008/manifest.json"
+    values = json.loads(manifest.read_text())
+    if content == "wrong-size":
+        values["files"][".metadata"]["size"] += 1
+        content, words = json.dumps(values), ".metadata: size"
+    elif content == "unlisted-shard":
+        del values["files"]["__0_0.distcp"]
+        values["files"]["__9_0.distcp"] = values["files"][".metadata"]
+        content, words = json.dumps(values), "CORRUPT"
+    elif content == "nan-metrics":
+        values["metrics"] = {"val_mse": float("nan")}
+        content, words = json.dumps(values), "not finite"
+    else:
+        words = "damaged"
+    manifest.write_text(content)
+    checked = cli("verify", str(run_copy))
+    assert checked.returncode == 1 and f"step_00000008: " in checked.stdout and words in checked.stdout, \
+        checked.stdout
+    assert cli("verify", str(run_copy), "6").returncode == 0
 
 
 # ---- 12. the exit code reaches whoever restarts the job ----

@@ -17,13 +17,12 @@ Every ``step_*`` directory is in exactly one state:
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 
 from .manifest import (AUTOMATIC_TAGS, MANIFEST, METADATA, REJECTED, Manifest, ManifestError,
                        parse_step_directory, step_directory)
-from .storage import Storage, guard, is_remote
+from .storage import Storage, guard, write_whole
 
 
 @dataclass
@@ -135,13 +134,8 @@ class CheckpointCatalog:
         self.write_file(f"{name}/{MANIFEST}", text)
 
     def write_file(self, relative: str, text: str) -> None:
-        """Write a small file whole or not at all: one PUT on object stores, rename locally."""
-        path = self.directory(relative)
         with guard("writing", f"{self.url}/{relative}"):
-            if is_remote(self.url):
-                self.fs.pipe_file(path, text.encode())
-            else:
-                atomic_write(path, text)
+            write_whole(self.fs, self.directory(relative), text)
 
     def quarantine(self, name: str, problems: list[str]) -> None:
         """Mark a checkpoint unusable: it is never loaded or counted again, nor deleted."""
@@ -184,24 +178,3 @@ class CheckpointCatalog:
                 pass
             self.fs.rm(directory, recursive=True)
 
-
-def atomic_write(path: str, text: str) -> None:
-    """A local file written whole or not at all: temporary name, fsync, rename, fsync the directory."""
-    temporary = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(temporary, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

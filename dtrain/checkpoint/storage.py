@@ -18,6 +18,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import os
 import pickle
 from dataclasses import dataclass
 
@@ -235,3 +236,27 @@ def sha256_of(fs, path: str) -> str:
         while block := f.read(CHUNK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_whole(fs, path: str, text: str) -> None:
+    """A small file written whole or not at all: one PUT on object stores; locally a
+    temporary name, fsync, rename, and fsync of the directory."""
+    if "file" not in fs.protocol and "local" not in fs.protocol:
+        fs.pipe_file(path, text.encode())
+        return
+    temporary = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(temporary, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
