@@ -34,7 +34,7 @@ def _selected(listing: Listing, step: str | None):
         return listing.committed, others
     if step in ("latest", "best"):
         return listing.candidates(step)[:1], []
-    if not step.isdigit():
+    if not (step.isascii() and step.isdigit()):
         raise ConfigError(f"step {step!r} is not latest, best or a step number")
     prefix = f"step_{int(step):08d}"
     return ([m for m in listing.committed if m.step == int(step)],
@@ -104,6 +104,11 @@ def verify(args) -> int:
     bad = 0
     for m in chosen:
         problems = find_problems(catalog.fs, catalog.directory(m.directory), m)
+        if not problems:
+            try:
+                catalog.storage.reader(f"{catalog.url}/{m.directory}").read_metadata()
+            except UnsafeCheckpointError as error:
+                problems = [str(error)]
         bad += bool(problems)
         print(f"{m.directory}: " + ("CORRUPT: " + "; ".join(problems) if problems else
                                     f"ok ({len(m.files)} files, sizes and SHA-256 match)"))
@@ -111,6 +116,8 @@ def verify(args) -> int:
         status, why = _state(listing, name)
         bad += status in ("damaged", "rejected")
         print(f"{name}: {status.upper() if status != 'torn' else status}: {why}")
+    for name, why in sorted(listing.foreign.items()):
+        print(f"{name}: not a checkpoint ({why}); dtrain never touches it")
     return 1 if bad else 0
 
 
@@ -118,9 +125,8 @@ def status(args) -> int:
     """The exit code the run's last start would have had: for launch scripts under torchrun,
     whose own exit code is 1 for any worker failure (a preemption included)."""
     run = _run(args)
-    events = run.read_jsonl("events.jsonl")
-    starts = [i for i, e in enumerate(events) if e.get("event") in ("start", "resume")
-              and e.get("time", 0) >= args.since]
+    events = run.events()
+    starts = [i for i, e in enumerate(events) if e["event"] in ("start", "resume") and e["time"] >= args.since]
     if not starts:
         print(f"{run.url}: no start of training since {args.since:.0f} (the job stopped before it: bad "
               "configuration, run directory in use, storage unreachable; its output says which) (exit 2)")
@@ -132,7 +138,7 @@ def status(args) -> int:
     elif ending["event"] == "end":
         code, words = EXIT_OK, f"finished at step {ending.get('step')}"
     elif ending["event"] == "diverged":
-        code, words = EXIT_DIVERGED, f"diverged at step {ending.get('step')}"
+        code, words = EXIT_DIVERGED, f"diverged after step {ending.get('step')}"
     elif ending.get("reason"):
         code, words = EXIT_PREEMPTED, f"stopped on {ending['reason']} at step {ending.get('step')} with a checkpoint"
     else:

@@ -99,7 +99,7 @@ class CheckpointConfig:
     lease_seconds: float = opt(60.0, "the run directory's lease expires this long after its holder stops "
                                      "renewing it (a second job is refused while it is held)")
     save_on_signal: bool = opt(True, "on a stop signal, all ranks save at the next step boundary and exit 75")
-    stop_signals: str = opt("SIGTERM,SIGUSR1", "signals that ask the job to save and stop")
+    stop_signals: str = opt("SIGTERM,SIGUSR1,SIGINT", "signals that ask the job to save and stop")
     grace_seconds: float = opt(0.0, "after a stop signal, exit at once if not done within this many "
                                     "seconds; 0: no deadline (a second signal always exits at once)")
 
@@ -243,7 +243,7 @@ def load_file(path: str) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path!r} holds a {type(values).__name__}; it must hold sections "
                           "such as [train] (TOML) or {\"train\": {...}} (JSON)")
-    if "preset" in values and values["preset"] not in PRESETS:
+    if "preset" in values and (not isinstance(values["preset"], str) or values["preset"] not in PRESETS):
         raise ConfigError(f"config file {path!r}: preset {values['preset']!r} is unknown; "
                           f"choose one of {', '.join(PRESETS)}")
     return values
@@ -256,6 +256,8 @@ def validate(config: ExperimentConfig, world_size: int | None = None) -> None:
         for key, value in dataclasses.asdict(getattr(config, section)).items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"--{section}.{key}={value} is not a finite number")
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+                raise ConfigError(f"--{section}.{key}={value} is too large; use a value below 2**63")
     positive = {"model.width": m.width, "model.layers": m.layers, "model.heads": m.heads,
                 "model.mlp_ratio": m.mlp_ratio, "data.dim": d.dim, "data.points": d.points,
                 "data.min_components": d.min_components, "data.train_samples": d.train_samples,
@@ -430,7 +432,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Nam
                 settings.values[key] = getattr(args, key)
                 settings.sources[key] = "the command line"
         validate(settings.resolve())
-        if args.resume not in RESUME_CHOICES and not args.resume.isdigit():
+        if args.resume not in RESUME_CHOICES and not (args.resume.isascii() and args.resume.isdigit()):
             raise ConfigError(f"--resume={args.resume!r} is not {', '.join(RESUME_CHOICES)} or a step number")
     except ConfigError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

@@ -21,6 +21,7 @@ without committing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -85,14 +86,19 @@ class RunLease:
 
     def stale_reason(self, holder: dict) -> str:
         """Why ``holder`` no longer holds the run ("" if it still does)."""
-        if not holder.get("id"):
-            return "unreadable"
-        age = time.time() - float(holder.get("renewed", 0))
-        if age > float(holder.get("ttl_s", self.ttl_s)):
+        try:
+            renewed, ttl, pid = float(holder["renewed"]), float(holder.get("ttl_s", self.ttl_s)), int(holder["pid"])
+            if not (holder.get("id") and math.isfinite(renewed) and 0 < ttl < 1e6 and 0 < pid < 2**31):
+                raise ValueError
+        except (KeyError, TypeError, ValueError, OverflowError):
+            return "it is unreadable"
+        age = time.time() - renewed
+        if age > ttl:
             return f"not renewed for {age:.0f} s"
-        if holder.get("host") == self.me["host"] and not _alive(int(holder.get("pid", 0)),
-                                                                 str(holder.get("pid_started", ""))):
-            return f"its process {holder.get('pid')} on this host is gone"
+        if age < -ttl:
+            return "it claims a renewal in the future"
+        if holder.get("host") == self.me["host"] and not _alive(pid, str(holder.get("pid_started", ""))):
+            return f"its process {pid} on this host is gone"
         if holder.get("job") and holder.get("job") == self.me["job"]:
             return f"it belongs to this job's earlier start ({holder['job']})"
         return ""
@@ -120,11 +126,14 @@ class RunLease:
         return f"host {holder.get('host', '?')} pid {holder.get('pid', '?')}{job}"
 
     def _busy(self, holder: dict) -> str:
-        renewed = time.time() - float(holder.get("renewed", 0))
-        expires = float(holder.get("ttl_s", self.ttl_s)) - renewed
+        try:
+            renewed = time.time() - float(holder.get("renewed", 0))
+            expires = f"in {max(float(holder.get('ttl_s', self.ttl_s)) - renewed, 0):.0f} s"
+        except (TypeError, ValueError):
+            renewed, expires = math.nan, "soon"
         return (f"run directory {self.run.url} is in use by another job ({self._who(holder)}, lease renewed "
                 f"{renewed:.0f} s ago); stop that job first, or start this one after its lease expires "
-                f"in {max(expires, 0):.0f} s")
+                f"{expires} (if that job is surely gone, delete {self.run.url}/{LEASE})")
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):

@@ -14,8 +14,12 @@ def plot_run(run: RunDirectory | str, path: str) -> Path:
 
     run = run if isinstance(run, RunDirectory) else RunDirectory(run)
     metrics = run.read_jsonl(METRICS)
-    train = [r for r in metrics if r.get("kind") == "train"]
-    evals = [r for r in metrics if r.get("kind") == "eval"]
+    def numbers(record, *keys):
+        return all(isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool) for k in keys)
+
+    train = [r for r in metrics if r.get("kind") == "train" and numbers(r, "step", "loss")]
+    evals = [r for r in metrics if r.get("kind") == "eval" and numbers(r, "step", "val_mse", "kmeans_mse",
+                                                                        "trivial_mse")]
     report = check_run(run)
     figure, ax = plt.subplots(figsize=(9, 5))
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.7, label="training loss (MSE)")
@@ -40,6 +44,6 @@ def plot_run(run: RunDirectory | str, path: str) -> Path:
     ax.set_title(f"{run.url}: {report['interruptions']} interruption(s), {report['steps_lost']} step(s) lost")
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, format="png")  # exactly ``path``, whatever its suffix
     plt.close(figure)
     return Path(path)

@@ -12,19 +12,25 @@ from __future__ import annotations
 from collections import Counter
 
 from .checkpoint.manifest import find_problems
+from .errors import ConfigError
 from .rundir import EVENTS, METRICS, SAMPLES, RunDirectory
 
 
 def check_run(run: RunDirectory | str) -> dict:
     run = run if isinstance(run, RunDirectory) else RunDirectory(run)
-    events = [e for e in run.read_jsonl(EVENTS) if "event" in e]
-    train = [r for r in run.read_jsonl(METRICS) if r.get("kind") == "train" and "leg" in r]
-    starts = [e for e in events if e["event"] in ("start", "resume")]
+    if not run.exists(EVENTS) and not run.exists("checkpoints"):
+        raise ConfigError(f"{run.url} holds no dtrain run (no events, no checkpoints); check the path")
+    events = run.events()
+    train = [r for r in run.read_jsonl(METRICS) if r.get("kind") == "train" and isinstance(r.get("leg"), str)
+             and isinstance(r.get("step"), int)]
+    events = [e for e in events if isinstance(e.get("step", 0), int)]
+    starts = [e for e in events if e["event"] in ("start", "resume") and isinstance(e.get("leg"), str)
+              and "step" in e]
     legs = []
     for i, start in enumerate(starts):
         later = events[events.index(start) + 1:]
         following = starts[i + 1] if i + 1 < len(starts) else None
-        ending = next((e for e in later if e["event"] in ("end", "stop", "diverged") and
+        ending = next((e for e in later if e["event"] in ("end", "stop", "diverged") and "step" in e and
                        (following is None or e["time"] <= following["time"])), None)
         # Train lines come every log_interval steps: for a killed leg this is a lower bound.
         completed = max([r["step"] for r in train if r["leg"] == start["leg"]] +
@@ -33,7 +39,7 @@ def check_run(run: RunDirectory | str) -> dict:
                "diverged" if ending and ending["event"] == "diverged" else
                f"stopped ({ending.get('reason', 'asked')})" if ending else "killed")
         legs.append({"leg": start["leg"], "started": start["time"], "from_step": start["step"],
-                     "world_size": start["world_size"],
+                     "world_size": start.get("world_size"),
                      "last_step": completed, "ended": how,
                      "lost_steps": max(completed - following["step"], 0) if following else 0})
     report = {"run": run.url, "legs": legs, "finished": bool(legs) and legs[-1]["ended"] == "finished",

@@ -55,7 +55,20 @@ class RunDirectory:
         return f"{self.url}/{CHECKPOINTS}"
 
     def catalog(self, keep_last: int = 3, keep_every: int = 0) -> CheckpointCatalog:
-        return CheckpointCatalog(self.checkpoints_url, self.storage, keep_last, keep_every)
+        return CheckpointCatalog(self.checkpoints_url, self.storage, keep_last, keep_every,
+                                 commit_log=self.committed_directories)
+
+    def committed_directories(self) -> set[str] | None:
+        """Checkpoint directories the events record as committed; None without an events log."""
+        if not self.exists(EVENTS):
+            return None
+        return {e["directory"] for e in self.events() if e["event"] == "checkpoint"
+                and isinstance(e.get("directory"), str)}
+
+    def events(self) -> list[dict]:
+        """The events log's well-formed records (an event name and a numeric time)."""
+        return [e for e in self.read_jsonl(EVENTS) if isinstance(e.get("event"), str)
+                and isinstance(e.get("time"), (int, float)) and not isinstance(e.get("time"), bool)]
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])

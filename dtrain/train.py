@@ -203,6 +203,10 @@ def train(settings: Settings, run_dir: str, resume: str = "latest", prog: str = 
         if rank == 0:
             print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
         return error.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the stop handlers were installed (start-up)
+        print(f"{prog}: interrupted during start-up; nothing was written since the last commit",
+              file=sys.stderr, flush=True)
+        exit_now(130)
     except BaseException as error:
         # Peers may be gone: no barrier, no teardown; report and leave at once.
         if _peer_gone(error):

@@ -178,8 +178,8 @@ class Trainer:
         finite = torch.tensor([float(bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(norm)))])
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():
-            raise self._diverged(f"the loss or gradient norm (now {norm.item():.3g}) at step {self.step + 1} "
-                                 "is not finite; that step was not applied")
+            raise self._diverged(f"the loss or gradient norm ({norm.item():.3g}) of the step after step "
+                                 f"{self.step} is not finite; that step was not applied")
 
     def _diverged(self, what: str) -> TrainingDiverged:
         last = self.checkpoints.last_committed

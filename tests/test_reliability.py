@@ -309,3 +309,69 @@ def test_the_local_launch_script_returns_75_on_a_preemption(tmp_path):
     output, _ = script.communicate(timeout=120)
     assert script.returncode == 75, output[-3000:]
     assert cli("status", str(run_dir)).returncode == 75
+
+
+# ---- what a hostile user found (second adversarial pass), by class ----
+def test_a_metadata_pickle_reaching_os_through_an_allowed_module_is_refused(run_copy, tmp_path):
+    marker = tmp_path / "pwned"
+    data = pickle.dumps(Payload(marker), protocol=4)
+    data = data.replace(b"\x8c\x05posix\x94\x8c\x06system",  # the same call, named through DCP's module
+                        b"\x8c%torch.distributed.checkpoint.metadata\x94\x8c\x09os.system")
+    (run_copy / "checkpoints/step_00000008/.metadata").write_bytes(data)
+    commit_as_is(run_copy / "checkpoints/step_00000008")
+    assert cli("inspect", str(run_copy), "--step", "8").returncode != 0
+    verdict = cli("verify", str(run_copy), "8")
+    assert verdict.returncode == 1 and "not allowed" in verdict.stdout
+    resumed = launch(["--run-dir", str(run_copy), "--train.max_steps=9"])
+    assert resumed.returncode == 0 and "resuming from step_00000006" in resumed.stdout, resumed.stderr[-2000:]
+    assert not marker.exists()
+
+
+def test_retention_touches_only_what_dtrain_wrote(run_copy, tmp_path):
+    """A run kept inside checkpoints/, a link to another run's checkpoint, a stray file: never touched."""
+    nested = run_copy / "checkpoints/step_00000001"
+    nested.mkdir()
+    (nested / "config.json").write_text("{}")
+    other = tmp_path / "other/step_00000002"
+    other.mkdir(parents=True)
+    (other / "manifest.json").write_text("precious")
+    (run_copy / "checkpoints/step_00000003").symlink_to(other)
+    (run_copy / "checkpoints/step_00000005").write_text("a file")
+    result = launch(["--run-dir", str(run_copy), "--train.max_steps=14", "--checkpoint.keep_last=1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (nested / "config.json").read_text() == "{}" and (other / "manifest.json").read_text() == "precious"
+    assert (run_copy / "checkpoints/step_00000005").read_text() == "a file"
+    assert "not a checkpoint" in cli("verify", str(run_copy)).stdout
+
+
+def test_an_export_never_writes_into_the_run(run_copy, tmp_path):
+    before = files_of(run_copy)
+    for out in (run_copy / "checkpoints/step_00000008/__0_0.distcp", run_copy / "config.json", tmp_path, ""):
+        result = cli("export", str(run_copy), "--out", str(out))
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert files_of(run_copy) == before
+    assert cli("export", str(run_copy), "--out", str(run_copy / "exports/m.pt")).returncode == 0
+
+
+def test_a_save_killed_while_committing_does_not_block_the_next_start(run_copy):
+    """DCP's files complete, no manifest, never recorded as committed: a crashed save, not a lost one."""
+    for name in ("step_00000004", "step_00000006", "step_00000008"):
+        (run_copy / "checkpoints" / name / "manifest.json").unlink()
+    events = [e for e in read_jsonl(run_copy / "events.jsonl") if e["event"] != "checkpoint"]
+    (run_copy / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    result = launch(["--run-dir", str(run_copy), "--train.max_steps=4"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert committed(run_copy) == ["step_00000002", "step_00000004"]  # the crashed saves were removed
+
+
+def test_hostile_values_and_files_are_one_line(run_copy, tmp_path):
+    (run_copy / "lease.json").write_text('{"id": "x", "renewed": "abc", "pid": "abc"}')
+    taken = launch(["--run-dir", str(run_copy), "--train.max_steps=9"])
+    assert taken.returncode == 0 and "unreadable" in taken.stdout, taken.stderr[-2000:]
+    for args in (["--resume", "\u00b2"], ["--data.seed=1180591620717411303424"], ["--run-dir", "nosuch://x"]):
+        result = launch(["--run-dir", str(tmp_path / "new"), *args])
+        assert result.returncode == 2, result.stderr[-2000:]
+        one_line(result)
+    (tmp_path / "garbage.pt").write_text("not a model")
+    evaluated = cli("evaluate", str(tmp_path / "garbage.pt"))
+    assert evaluated.returncode == 2 and "is not a dtrain export" in evaluated.stderr

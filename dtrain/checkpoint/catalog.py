@@ -3,26 +3,39 @@
 Storage-only and single-process: rank 0 calls it during training, and the
 command-line tools call it with no process group at all.
 
-Every ``step_*`` directory is in exactly one state:
+Every ``step_*`` entry is in exactly one state:
 
 - *committed*: a sound manifest; loadable.
 - *damaged*: a manifest that cannot be read or does not describe a checkpoint.
 - *rejected*: found unusable by a load (bad checksum, damaged manifest, unsafe
   metadata) and quarantined with a ``rejected.json`` marker. Never loaded,
   never counted by retention, never deleted automatically.
-- *torn*: no manifest. Without DCP's ``.metadata`` it is a save that never
-  finished and that nothing can load: retention removes it. With ``.metadata``
-  it may be a finished save whose manifest was lost: it is kept and reported.
+- *torn*: no manifest. A save that never committed (no ``.metadata``, or one
+  the run's events never recorded as committed) is removed by retention. One
+  with ``.metadata`` that the events say was committed lost its manifest: it is
+  kept and reported, and never silently replaced.
+- *foreign*: not something dtrain writes (a link, a file, a directory holding
+  other files): never touched.
+
+Retention and cleanup delete only files dtrain or DCP write, by name.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .manifest import (AUTOMATIC_TAGS, MANIFEST, METADATA, REJECTED, Manifest, ManifestError,
                        parse_step_directory, step_directory)
-from .storage import Storage, guard, write_whole
+from .storage import Storage, guard, is_remote, write_whole
+
+
+# What DCP and dtrain write into a checkpoint directory; anything else is not ours.
+_OURS = re.compile(r"^(__\d+_\d+\.distcp|__\d+\.metadata|\.metadata(\.tmp)?|"
+                   r"(manifest|rejected)\.json(\.tmp\.\d+)?)$")
 
 
 @dataclass
@@ -31,16 +44,26 @@ class Listing:
     damaged: dict[str, str] = field(default_factory=dict)  # directory -> why the manifest is no commit
     rejected: dict[str, str] = field(default_factory=dict)  # directory -> why it was quarantined
     torn: dict[str, bool] = field(default_factory=dict)  # directory -> holds DCP's .metadata
+    foreign: dict[str, str] = field(default_factory=dict)  # entry -> why it is not dtrain's
+    files: dict[str, set] = field(default_factory=dict)  # directory -> its file names
+    ever_committed: set[str] | None = None  # directories the run's events record as committed
 
     @property
     def names(self) -> list[str]:
         return sorted([m.directory for m in self.committed] + list(self.damaged) + list(self.rejected)
                       + list(self.torn), key=lambda name: parse_step_directory(name))
 
+    def removable(self, name: str) -> bool:
+        """A torn save that provably never committed: nothing can have loaded it."""
+        if name not in self.torn:
+            return False
+        return not self.torn[name] or (self.ever_committed is not None and name not in self.ever_committed)
+
     @property
     def unexplained(self) -> list[str]:
-        """Directories that may hold a finished save but are not committed checkpoints."""
-        return sorted(set(self.damaged) | set(self.rejected) | {n for n, meta in self.torn.items() if meta})
+        """Directories that may hold a finished checkpoint but are not committed ones."""
+        lost = {n for n in self.torn if not self.removable(n)}
+        return sorted(set(self.damaged) | set(self.rejected) | lost)
 
     def candidates(self, which: str) -> list[Manifest]:
         """Committed checkpoints to try for ``which`` (latest, best or a step), best choice first.
@@ -66,10 +89,12 @@ class Listing:
 
 
 class CheckpointCatalog:
-    def __init__(self, url: str, storage: Storage | None = None, keep_last: int = 3, keep_every: int = 0):
+    def __init__(self, url: str, storage: Storage | None = None, keep_last: int = 3, keep_every: int = 0,
+                 commit_log: Callable[[], set[str] | None] | None = None):
         self.url = url.rstrip("/")
         self.storage = storage or Storage()
         self.keep_last, self.keep_every = keep_last, keep_every
+        self.commit_log = commit_log  # directories the run's events record as committed (None: unknown)
         self.fs, self.root = self.storage.filesystem(self.url)
 
     def directory(self, name: str) -> str:
@@ -85,19 +110,35 @@ class CheckpointCatalog:
             if not self.fs.isdir(self.root):
                 raise NotADirectoryError(20, "Not a directory", self.url)
             # One listing of the whole tree (one paged LIST on object stores), grouped by directory.
-            contents: dict[str, set[str]] = {}
-            for path in self.fs.find(self.root, maxdepth=2, withdirs=True):
+            entries: dict[str, dict] = {}
+            for path, info in self.fs.find(self.root, maxdepth=2, withdirs=True, detail=True).items():
                 parts = path[len(self.root):].strip("/").split("/")
-                if parse_step_directory(parts[0]) is not None:
-                    contents.setdefault(parts[0], set()).update(parts[1:2])
-            for name, files in contents.items():
-                self._classify(name, files, listing)
+                if parse_step_directory(parts[0]) is None:
+                    continue
+                entry = entries.setdefault(parts[0], {"files": set(), "other": []})
+                if len(parts) == 1:
+                    entry["type"] = info.get("type")
+                elif info.get("type") == "directory":
+                    entry["other"].append(parts[1] + "/")
+                else:
+                    entry["files"].add(parts[1])
+            for name, entry in entries.items():
+                self._classify(name, entry, listing)
+            if any(listing.torn.values()) and self.commit_log is not None:
+                listing.ever_committed = self.commit_log()
         listing.committed.sort(key=lambda m: m.order)
         return listing
 
-    def _classify(self, name: str, files: set[str], listing: Listing) -> None:
-        directory = self.directory(name)
-        if REJECTED in files:
+    def _classify(self, name: str, entry: dict, listing: Listing) -> None:
+        directory, files = self.directory(name), entry["files"]
+        other = entry["other"] + sorted(f for f in files if not _OURS.match(f))
+        if entry.get("type") not in (None, "directory"):
+            listing.foreign[name] = "a file, not a directory"
+        elif not is_remote(self.url) and os.path.islink(directory):
+            listing.foreign[name] = "a symbolic link"
+        elif other:
+            listing.foreign[name] = f"holds files dtrain does not write ({', '.join(other[:3])})"
+        elif REJECTED in files:
             listing.rejected[name] = self._rejection(directory)
         elif MANIFEST not in files:
             listing.torn[name] = METADATA in files
@@ -106,6 +147,10 @@ class CheckpointCatalog:
                 listing.committed.append(Manifest.from_json(self.fs.cat_file(f"{directory}/{MANIFEST}"), name))
             except ManifestError as error:
                 listing.damaged[name] = f"manifest.json is damaged: {error}"
+            except OSError as error:
+                listing.damaged[name] = f"manifest.json cannot be read: {error.strerror or error}"
+        if name not in listing.foreign:
+            listing.files[name] = files
 
     def _rejection(self, directory: str) -> str:
         try:
@@ -116,12 +161,12 @@ class CheckpointCatalog:
     def new_directory(self, step: int) -> str:
         """A fresh directory name for ``step``. An existing directory is never written into; a
         torn one without ``.metadata`` (a save that never finished) is removed and its name reused."""
-        torn = self.scan().torn
+        listing = self.scan()
         attempt = 0
         while True:
             name = step_directory(step, attempt)
-            if torn.get(name) is False:
-                self.delete(name)
+            if listing.removable(name):
+                self.delete(name, listing.files[name])
             with guard("listing", self.url):
                 if not self.fs.exists(self.directory(name)):
                     return name
@@ -164,17 +209,24 @@ class CheckpointCatalog:
         if self.keep_every:
             keep |= {m.directory for m in committed if m.step % self.keep_every == 0}
         doomed = [m.directory for m in committed if m.directory not in keep]
-        doomed += [name for name, has_metadata in listing.torn.items() if not has_metadata]
+        doomed += [name for name in listing.torn if listing.removable(name)]
         for name in doomed:
-            self.delete(name)
+            self.delete(name, listing.files[name])
         return doomed
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, files: set[str]) -> None:
+        """Delete a checkpoint's own files (the manifest first: an interrupted delete leaves a
+        torn directory, never a broken commit), then the directory if nothing else is in it."""
         directory = self.directory(name)
         with guard("deleting", f"{self.url}/{name}"):
-            try:  # the manifest first: an interrupted delete leaves a torn directory, never a broken commit
-                self.fs.rm_file(f"{directory}/{MANIFEST}")
-            except FileNotFoundError:
-                pass
-            self.fs.rm(directory, recursive=True)
+            for file in sorted(files, key=lambda f: f != MANIFEST):
+                try:
+                    self.fs.rm_file(f"{directory}/{file}")
+                except FileNotFoundError:
+                    pass
+            if not is_remote(self.url):  # object stores have no directories to remove
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    pass
 

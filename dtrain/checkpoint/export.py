@@ -6,6 +6,7 @@ full-size tensors of a plain (unsharded) model, whatever world size wrote them.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..config import ExperimentConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError, DtrainError, StorageError
 from ..model import ClusterTransformer, build_model
 from .catalog import CheckpointCatalog
 from .manifest import Manifest, find_problems
@@ -76,25 +77,51 @@ def load_from_run(run_url: str, which: str = "latest", optimizer: bool = False, 
 def export(run_url: str, out: str, which: str = "latest", fmt: str = "pt", separate: bool = False,
            storage: Storage | None = None) -> list[Path]:
     """Write a consolidated model (``.pt`` or ``.safetensors``), or model.pt + optimizer.pt in ``out``."""
+    target = _output_path(run_url, out, separate)
     model, optim, manifest, config = load_from_run(run_url, which, optimizer=separate, storage=storage)
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
     header = {"format": EXPORT_FORMAT, "version": 1, "config": config.to_dict(), "step": manifest.step,
               "checkpoint": manifest.directory}
     if separate:
-        directory = Path(out)
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save({**header, "model": weights}, directory / "model.pt")
-        torch.save({**header, "optimizer": optim}, directory / "optimizer.pt")
-        return [directory / "model.pt", directory / "optimizer.pt"]
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
+        written = [_write(target / "model.pt", lambda f: torch.save({**header, "model": weights}, f)),
+                   _write(target / "optimizer.pt", lambda f: torch.save({**header, "optimizer": optim}, f))]
+        return written
     if fmt == "safetensors":
         from safetensors.torch import save_file
-        save_file(weights, str(path), metadata={"format": EXPORT_FORMAT, "config": json.dumps(header["config"]),
-                                                "step": str(manifest.step)})
-    else:
-        torch.save({**header, "model": weights}, path)
-    return [path]
+        metadata = {"format": EXPORT_FORMAT, "config": json.dumps(header["config"]), "step": str(manifest.step)}
+        return [_write(target, lambda f: save_file(weights, str(f), metadata=metadata))]
+    return [_write(target, lambda f: torch.save({**header, "model": weights}, f))]
+
+
+def _output_path(run_url: str, out: str, separate: bool) -> Path:
+    """Where an export goes: a local path, never a file of a run directory (except RUN/exports/)."""
+    if not str(out).strip() or "://" in str(out):
+        raise ConfigError(f"--out={out!r}: give a local file path (exports are written locally)")
+    target = Path(out).expanduser().absolute()
+    if "://" not in run_url:
+        run = Path(run_url).expanduser().absolute()
+        inside = target == run or run in target.parents
+        if inside and not (run / "exports") in [target, *target.parents]:
+            raise ConfigError(f"--out={out} is inside the run directory {run}: it could overwrite the run's "
+                              f"files; write to {run / 'exports'} or elsewhere")
+    if not separate and target.is_dir():
+        raise ConfigError(f"--out={out} is a directory; give a file name such as {target / 'model.pt'}")
+    if separate and target.exists() and not target.is_dir():
+        raise ConfigError(f"--out={out} is a file; --separate writes a directory")
+    return target
+
+
+def _write(path: Path, save) -> Path:
+    """``save(temporary)`` then rename onto ``path``: an export appears whole or not at all."""
+    temporary = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save(temporary)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:
+        temporary.unlink(missing_ok=True)
+        raise StorageError(f"writing {path} failed: {cause(error)}") from None
+    return path
 
 
 def load_model(source: str, which: str = "latest", config: ExperimentConfig | None = None,
@@ -108,6 +135,18 @@ def load_model(source: str, which: str = "latest", config: ExperimentConfig | No
     if "://" in source or Path(source).is_dir():
         model, _, _, run_cfg = load_from_run(source, which, storage=storage)
         return model, run_cfg
+    if not Path(source).is_file():
+        raise ConfigError(f"{source} is neither a run directory nor a file")
+    try:
+        return _load_file(source, config)
+    except DtrainError:
+        raise
+    except Exception as error:  # what a file that is not a model can raise while being read
+        raise CheckpointError(f"{source} is not a dtrain export, a torch.save of a model state dict, or a run "
+                              f"directory ({type(error).__name__}: {' '.join(str(error).split())[:160]})") from None
+
+
+def _load_file(source: str, config: ExperimentConfig | None) -> tuple[ClusterTransformer, ExperimentConfig]:
     if source.endswith(".safetensors"):
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -120,8 +159,8 @@ def load_model(source: str, which: str = "latest", config: ExperimentConfig | No
             config = ExperimentConfig.from_dict(blob["config"])
         weights = blob.get("model", blob.get("model_state_dict", blob))
         if config is None:
-            raise ValueError(f"{source} is a plain state dict without the model's configuration; "
-                             "pass config=ExperimentConfig.preset(...) matching it")
+            raise ConfigError(f"{source} is a plain state dict without the model's configuration; "
+                              "pass config=ExperimentConfig.preset(...) matching it")
     model = build_model(config.model, config.data.dim)
     model.load_state_dict(weights)
     return model.eval(), config

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint._traverse import set_element
 
-from ..errors import StorageError
+from ..errors import ConfigError, StorageError
 
 CHUNK = 8 << 20
 
@@ -65,7 +65,11 @@ class Storage:
     def filesystem(self, url: str):
         """``(fs, path)`` for a URL or a local path."""
         with guard("opening", url):
-            return fsspec.core.url_to_fs(url, **self.options(url))
+            try:
+                return fsspec.core.url_to_fs(url, **self.options(url))
+            except (ValueError, ImportError) as error:  # an unknown protocol, or its package missing
+                raise ConfigError(f"{url}: {' '.join(str(error).split())[:160]}; use a local path or "
+                                  "s3://bucket/prefix (pip install dtrain[s3])") from None
 
     def writer(self, url: str):
         if is_remote(url):
@@ -84,28 +88,37 @@ def is_remote(url: str) -> bool:
 
 
 # ---- loading runs no code ------------------------------------------------------------------
-_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
-_METADATA_NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-                   ("torch", "Size"), ("torch.serialization", "_get_layout"),
-                   ("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-                   ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath")}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Admits DCP's metadata classes, torch.Size, dtypes and layouts; nothing callable else."""
+    """Admits DCP's metadata classes by name, torch.Size, dtypes and layouts: nothing else,
+    and no dotted names (which would reach any attribute of an allowed module)."""
 
     def find_class(self, module: str, name: str):
-        if module in _METADATA_MODULES or (module, name) in _METADATA_NAMES:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                          torch.memory_format)):
-            return getattr(torch, name)
+        if "." not in name:
+            if (module, name) in _METADATA_CLASSES:
+                return super().find_class(module, name)
+            value = getattr(torch, name, None) if module == "torch" else None
+            if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+                return value
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata "
                                      "(it could run code)")
 
 
 def load_metadata(stream):
-    return _MetadataUnpickler(stream).load()
+    from torch.distributed.checkpoint.metadata import Metadata
+    metadata = _MetadataUnpickler(stream).load()
+    if not isinstance(metadata, Metadata):
+        raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP's Metadata")
+    return metadata
 
 
 class _SafeMetadata:
