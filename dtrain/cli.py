@@ -16,7 +16,7 @@ import json
 import sys
 
 from . import train
-from .checkpoint.catalog import CheckpointCatalog, Listing
+from .checkpoint.catalog import Listing
 from .checkpoint.manifest import find_problems
 from .checkpoint.storage import STORAGE_EXCEPTIONS, Storage, UnsafeCheckpointError, cause
 from .errors import EXIT_CRASH, EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, CheckpointError, ConfigError, DtrainError
@@ -149,8 +149,7 @@ def status(args) -> int:
 
 def export(args) -> int:
     from .checkpoint.export import export as write_export
-    paths = write_export(args.run, args.out, args.step, args.format, args.separate,
-                         Storage(endpoint_url=args.endpoint_url))
+    paths = write_export(args.run, args.out, args.step, args.format, args.separate, _run(args).storage)
     for path in paths:
         print(f"wrote {path}")
     return 0

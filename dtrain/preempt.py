@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from .config import stop_signals
-from .errors import EXIT_PREEMPTED  # noqa: F401  (re-exported: sysexits' EX_TEMPFAIL)
 
 
 REPEAT_WINDOW_S = 2.0

@@ -279,9 +279,10 @@ class Trainer:
                 self._evaluate_and_log(progress)
             self._loop(progress, stop, stop_at_step)
         except TrainingDiverged as error:
+            message = str(error)
             progress.close()
             self.checkpoints.close()  # a save in flight holds an earlier, finite state: commit it
-            on_main(ctx, lambda: self.run.event("diverged", step=self.step, error=str(error)))
+            on_main(ctx, lambda: self.run.event("diverged", step=self.step, error=message))
             raise
         finally:
             stop.close()

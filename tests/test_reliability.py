@@ -290,7 +290,7 @@ def test_every_shape_of_damaged_manifest_is_named_by_verify_and_inspect(run_copy
         words = "damaged"
     manifest.write_text(content)
     checked = cli("verify", str(run_copy))
-    assert checked.returncode == 1 and f"step_00000008: " in checked.stdout and words in checked.stdout, \
+    assert checked.returncode == 1 and "step_00000008: " in checked.stdout and words in checked.stdout, \
         checked.stdout
     assert cli("verify", str(run_copy), "6").returncode == 0
 

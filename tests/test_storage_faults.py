@@ -2,7 +2,6 @@
 bucket, wrong credentials. Each ends the job with one line naming the URL and the cause, a
 non-zero exit, in bounded time, and every committed checkpoint as it was."""
 import os
-import shutil
 import subprocess
 import sys
 import time
