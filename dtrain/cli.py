@@ -148,7 +148,7 @@ def status(args) -> int:
 
 
 def export(args) -> int:
-    from .checkpoint.export import export as write_export
+    from .export import export as write_export
     paths = write_export(args.run, args.out, args.step, args.format, args.separate, _run(args).storage)
     for path in paths:
         print(f"wrote {path}")

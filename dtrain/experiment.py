@@ -15,9 +15,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from .checkpoint.export import export
+from .checkpoint.storage import Storage
 from .config import ExperimentConfig, Settings, all_keys
+from .export import export
 from .inference import ModelManager
+from .lease import RunLease
+from .rundir import RunDirectory
 from .train import run_training, stored_config
 
 
@@ -91,9 +94,18 @@ class ExperimentManager:
         return self.metrics
 
     def save_checkpoint(self, tag: str) -> str:
-        """Pin this manager's checkpoint under ``tag`` (a new committed copy that retention keeps)."""
-        from .train import tag_checkpoint
-        return tag_checkpoint(self.run_dir, self.checkpoint, tag)
+        """Pin this manager's checkpoint under ``tag``: a committed copy that retention keeps.
+
+        No process group is needed. The run's "latest" does not change, and a job
+        training the run (it holds the lease) is not raced: the copy is refused.
+        """
+        run = RunDirectory(self.run_dir, Storage.from_config(self.config.checkpoint))
+        lease = RunLease(run, self.config.checkpoint.lease_seconds)
+        lease.acquire()
+        try:
+            return run.catalog().copy_tagged(self.checkpoint, tag)
+        finally:
+            lease.release()
 
     # ---- inference -----------------------------------------------------------------------
     def get_model_manager(self) -> ModelManager:

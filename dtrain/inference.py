@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint.export import load_model
+from .export import load_model
 from .config import ExperimentConfig
-from .data import VALIDATION_STREAM, make_examples, mixture_spec
-from .metrics import kmeans_centres, set_mean_centres, squared_error, wasserstein
+from .metrics import squared_error
+from .validation import baseline_sums, prediction_sums, validation_examples
 
 
 class ModelManager:
@@ -38,23 +38,15 @@ class ModelManager:
 
     def validation_examples(self, num_samples: int | None = None, seed: int | None = None) -> dict:
         """The run's validation examples (its first ``num_samples``), or those of another seed."""
-        data = self.config.data
-        count = num_samples or data.val_samples
-        return make_examples(mixture_spec(data), data.val_seed if seed is None else seed,
-                             VALIDATION_STREAM, np.arange(count))
+        return validation_examples(self.config.data, np.arange(num_samples or self.config.data.val_samples), seed)
 
     def evaluate(self, num_samples: int = 1000, seed: int | None = None, batch_size: int = 256) -> dict:
         """MSE and Wasserstein distance of the model, k-means (told the true K) and the set mean."""
         examples = self.validation_examples(num_samples, seed)
-        points, targets = examples["points"], examples["targets"]
-        predicted = torch.cat([self.predict(points[i:i + batch_size]) for i in range(0, len(points), batch_size)])
-        kmeans = kmeans_centres(points, examples["num_components"], seeds=np.arange(len(points)))
-        return {"num_samples": len(points),
-                "mse": squared_error(predicted, targets).mean().item(),
-                "wasserstein": float(wasserstein(predicted.numpy(), targets.numpy()).mean()),
-                "kmeans_mse": squared_error(torch.from_numpy(kmeans), targets).mean().item(),
-                "kmeans_wasserstein": float(wasserstein(kmeans, targets.numpy()).mean()),
-                "trivial_mse": squared_error(set_mean_centres(points), targets).mean().item()}
+        count = len(examples["points"])
+        sums = {**prediction_sums(self.predict, examples, batch_size),
+                **baseline_sums(examples, seeds=np.arange(count))}
+        return {"num_samples": count, **{name: total / count for name, total in sums.items()}}
 
     def visualize(self, path: str, num_examples: int = 4, seed: int | None = None) -> Path:
         """A PNG of a few validation examples: points by true component, predicted and true centres."""

@@ -16,10 +16,10 @@ import traceback
 import torch.distributed as dist
 
 from .checkpoint.catalog import Listing
-from .checkpoint.storage import Storage
+from .checkpoint.storage import STORAGE_EXCEPTIONS, Storage
 from .config import ExperimentConfig, Settings, build_parser, parse_args, validate
 from .dist import broadcast_from_main, init_distributed, on_main, shutdown
-from .errors import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, KINDS, CheckpointError, ConfigError, DtrainError
+from .errors import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, KINDS, ConfigError, DtrainError
 from .lease import RunLease
 from .resume import changed_keys, refusal
 from .rundir import CONFIG, RunDirectory
@@ -101,6 +101,20 @@ def _plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: in
     return {"config": config.to_dict(), "changed": changed_keys(stored, config), "notes": [n for n in notes if n]}
 
 
+def start_device(settings: Settings, run_dir: str, requested: ExperimentConfig) -> str:
+    """The device a start trains on: as given, else the run's own (a resume keeps it), else the preset's.
+
+    Every rank reads it: the process group that could share one read needs the
+    device first. A run that cannot be read is reported after the group exists.
+    """
+    if "train.device" in settings.values:
+        return settings.values["train.device"]
+    try:
+        return RunDirectory(run_dir, Storage.from_config(requested.checkpoint)).stored_config()[0].train.device
+    except (DtrainError, *STORAGE_EXCEPTIONS):
+        return requested.train.device
+
+
 def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_at_step: int | None = None,
                  prog: str = "dtrain") -> Trainer:
     """Train (or continue) ``run_dir`` on this process's group, the CLI's and the API's one path.
@@ -109,7 +123,7 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
     verdict) and whatever else training raised.
     """
     requested = settings.resolve()
-    ctx = init_distributed(requested.train.device)
+    ctx = init_distributed(start_device(settings, run_dir, requested))
     lease = None
     try:
         run = RunDirectory(run_dir, Storage.from_config(requested.checkpoint))
@@ -165,25 +179,6 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
         lease.release()
     shutdown(ctx)
     return trainer
-
-
-def tag_checkpoint(run_dir: str, which: str, tag: str) -> str:
-    """Commit a copy of checkpoint ``which`` tagged ``tag``; retention keeps tagged copies."""
-    config, _ = stored_config(run_dir)
-    ctx = init_distributed(config.train.device)
-    run = RunDirectory(run_dir, Storage.from_config(config.checkpoint))
-    lease = RunLease(run, config.checkpoint.lease_seconds)
-    try:
-        lease.acquire()
-        trainer = Trainer(config, ctx, run, lease)
-        if trainer.restore(which) is None:
-            raise CheckpointError(f"no committed checkpoint {which!r} in {run_dir} to tag")
-        trainer.save([tag], blocking=True)
-        trainer.checkpoints.close()
-        return trainer.checkpoints.last_directory
-    finally:
-        lease.release()
-        shutdown(ctx)
 
 
 def _peer_gone(error: BaseException) -> bool:

@@ -9,12 +9,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointManager, Manifest, TrainingState
+from .checkpoint import CheckpointManager, Manifest
+from .checkpoint.state import Counters, ModelState, OptimizerState
 from .config import ExperimentConfig, micro_batches
-from .data import VALIDATION_STREAM, make_examples, mixture_spec, train_streams
+from .data import make_examples, mixture_spec, train_streams
 from .dist import DistContext, broadcast_from_main, on_every_rank, on_main
 from .errors import DtrainError, TrainingDiverged
-from .metrics import kmeans_centres, set_mean_centres, squared_error, wasserstein
+from .metrics import squared_error
 from .model import build_model, count_parameters
 from .parallel import resolve_precision, shard_model
 from .preempt import StopRequest
@@ -23,6 +24,7 @@ from .resume import Position, plan_record, planned_samples, reconcile
 from .rundir import METRICS, RunDirectory
 from .sampler import ElasticSampler, GlobalBatch
 from .schedule import LRSchedule
+from .validation import baseline_sums, prediction_sums, rank_share, validation_examples
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -44,21 +46,32 @@ class Trainer:
                                            weight_decay=train.weight_decay)
         self.sampler = ElasticSampler(data.train_samples, data.seed, data.mode)
         self.spec = mixture_spec(data)
-        self.step = 0
-        self.samples_seen = 0
+        self.counters = Counters(plan=plan_record(config))  # step, samples seen, best, plan
         self.schedule = LRSchedule.from_config(train, self.planned_samples)
-        self.saved_plan: dict | None = None  # the plan of the checkpoint this run resumed from
         self.stopped_by_signal: str | None = None
         self.leg = ""  # id of this start of the run: sample records of rolled-back steps are told apart by it
-        self._last_saved_step = -1
-        self.best = {"val_mse": math.inf, "step": -1}
         self.metrics: dict = {}  # the latest validation metrics
         self._validation = None
         self._failure: DtrainError | None = None  # a storage failure of this rank, agreed at the boundary
         ck = config.checkpoint
-        self.checkpoints = CheckpointManager(
-            run.catalog(ck.keep_last, ck.keep_every), ctx, async_save=ck.async_save, verify=ck.verify,
-            events=run.event if ctx.is_main else None, lease=lease)
+        self.checkpoints = CheckpointManager(run.catalog(ck.keep_last, ck.keep_every), ctx, ck,
+                                             events=run.event if ctx.is_main else None, lease=lease)
+
+    @property
+    def step(self) -> int:
+        return self.counters.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.counters.step = value
+
+    @property
+    def samples_seen(self) -> int:
+        return self.counters.samples_seen
+
+    @samples_seen.setter
+    def samples_seen(self, value: int) -> None:
+        self.counters.samples_seen = value
 
     @property
     def planned_samples(self) -> int:
@@ -75,21 +88,22 @@ class Trainer:
         train = self.config.train
         return self.step >= train.max_steps if train.max_steps else self.sampler.epoch >= train.num_epochs
 
-    def plan_record(self) -> dict:
-        return plan_record(self.config)
-
     # ---- checkpoints -----------------------------------------------------------------------
     def state(self) -> dict:
-        return {TrainingState.KEY: TrainingState(self)}
+        """The components a checkpoint holds, each a DCP ``Stateful`` (checkpoint/state.py)."""
+        return {"model": ModelState(self.model), "optimizer": OptimizerState(self.model, self.optimizer),
+                "progress": self.counters, "sampler": self.sampler, "schedule": self.schedule}
 
     def restore(self, which: str = "latest") -> Manifest | None:
         """Load the newest sound committed checkpoint for ``which``; None if there is none."""
         manifest = self.checkpoints.load(self.state(), which, check=self._nonfinite_state)
         if manifest is not None:
             self.metrics = dict(manifest.metrics)
-            saved = Position(self.step, self.samples_seen, self.sampler, self.schedule, self.best, self.saved_plan)
-            position, changes = reconcile(self.config, saved)
-            self.sampler, self.schedule, self.best = position.sampler, position.schedule, position.best
+            c = self.counters
+            position, changes = reconcile(self.config, Position(c.step, c.samples_seen, self.sampler,
+                                                                self.schedule, c.best, c.plan))
+            self.sampler, self.schedule, c.best = position.sampler, position.schedule, position.best
+            c.plan = plan_record(self.config)  # what later saves record
 
             def announce() -> None:
                 for change in changes:
@@ -118,20 +132,6 @@ class Trainer:
                 "config": self.config.to_dict(),
                 "metrics": self.metrics}
         self.checkpoints.save(self.state(), self.step, tags, info, blocking=blocking)
-        self._last_saved_step = self.step
-
-    def _save_reasons(self, epoch_before: int, last_save: float) -> bool:
-        """Whether an interval (steps, epochs or seconds) asks for a save after this step."""
-        ck = self.config.checkpoint
-        due = bool(ck.interval_steps and self.step % ck.interval_steps == 0)
-        due |= bool(ck.interval_epochs and
-                    self.sampler.epoch // ck.interval_epochs > epoch_before // ck.interval_epochs)
-        if ck.interval_seconds:
-            # Rank 0's clock decides for everyone: ranks must never disagree about a save.
-            flag = torch.tensor([int(self.ctx.is_main and time.monotonic() - last_save >= ck.interval_seconds)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            due |= bool(flag.item())
-        return due
 
     def _examples(self, batch: GlobalBatch) -> dict[str, torch.Tensor]:
         streams = train_streams(self.config.data.mode, batch.epochs)
@@ -201,46 +201,26 @@ class Trainer:
         if self._failure is not None:
             raise self._failure
 
-    def _validation_shard(self):
-        """This rank's slice of the validation set, padded to equal length across ranks.
-
-        Every rank must run the same number of forward passes (FSDP gathers
-        parameters collectively), so short slices repeat an example with weight 0.
-        The k-means baseline of the slice is computed once, here.
-        """
+    def _validation_share(self):
+        """This rank's share of the validation set (validation.rank_share) and its baselines, once."""
         if self._validation is None:
-            data, ctx = self.config.data, self.ctx
-            mine = np.array_split(np.arange(data.val_samples), ctx.world_size)[ctx.rank]
-            length = math.ceil(data.val_samples / ctx.world_size)
-            padded = np.concatenate([mine, np.full(length - len(mine), mine[0] if len(mine) else 0)])
-            weight = np.r_[np.ones(len(mine)), np.zeros(length - len(mine))]
-            examples = make_examples(self.spec, data.val_seed, VALIDATION_STREAM, padded)
-            real = slice(0, len(mine))
-            points, targets = examples["points"][real], examples["targets"][real]
-            kmeans = kmeans_centres(points, examples["num_components"][real], seeds=mine)
-            baselines = [squared_error(set_mean_centres(points), targets).sum().item(),
-                         squared_error(torch.from_numpy(kmeans), targets).sum().item(),
-                         wasserstein(kmeans, targets.numpy()).sum()]
-            self._validation = examples, torch.from_numpy(weight), baselines
+            indices, weight = rank_share(self.config.data.val_samples, self.ctx.rank, self.ctx.world_size)
+            examples = validation_examples(self.config.data, indices)
+            real = int(weight.sum())
+            baselines = baseline_sums({k: v[:real] for k, v in examples.items()}, seeds=indices[:real])
+            self._validation = examples, weight, baselines
         return self._validation
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        examples, weight, baselines = self._validation_shard()
+        examples, weight, baselines = self._validation_share()
         self.model.eval()
-        batch = self.config.train.eval_batch_size
-        mse_sum, w2_sum = 0.0, 0.0
-        for start in range(0, len(weight), batch):
-            part = slice(start, start + batch)
-            predicted = self.model(examples["points"][part].to(self.ctx.device)).cpu()
-            targets = examples["targets"][part]
-            mse_sum += (squared_error(predicted, targets) * weight[part]).sum().item()
-            w2_sum += (wasserstein(predicted.numpy(), targets.numpy()) * weight[part].numpy()).sum()
-        totals = torch.tensor([mse_sum, w2_sum, *baselines], dtype=torch.float64)
+        sums = prediction_sums(lambda points: self.model(points.to(self.ctx.device)), examples,
+                               self.config.train.eval_batch_size, weight)
+        totals = torch.tensor([sums["mse"], sums["wasserstein"], *baselines.values()], dtype=torch.float64)
         dist.all_reduce(totals)  # gloo or the CPU side of the cuda group
-        mse, w2, trivial, kmeans_mse, kmeans_w2 = (totals / self.config.data.val_samples).tolist()
-        return {"val_mse": mse, "val_wasserstein": w2, "trivial_mse": trivial,
-                "kmeans_mse": kmeans_mse, "kmeans_wasserstein": kmeans_w2}
+        mse, w2, *rest = (totals / self.config.data.val_samples).tolist()
+        return {"val_mse": mse, "val_wasserstein": w2, **dict(zip(baselines, rest))}
 
     def _parameters_per_rank(self) -> list[int]:
         local = sum(p.to_local().numel() for p in self.model.parameters())
@@ -291,7 +271,6 @@ class Trainer:
     def _loop(self, progress: Progress, stop: StopRequest, stop_at_step: int | None) -> None:
         """Steps until the end, ``stop_at_step`` or an agreed stop; then the last, synchronous save."""
         ctx, train = self.ctx, self.config.train
-        last_save = time.monotonic()
         window_loss = torch.zeros((), device=ctx.device)
         window_steps, window_busy = 0, 0.0  # throughput counts step time, not evaluation or saving
         tags: list[str] = []
@@ -319,9 +298,8 @@ class Trainer:
                 tags += self._evaluate_and_log(progress)
             if self.finished or (stop_at_step and self.step >= stop_at_step):
                 break
-            if tags or self._save_reasons(epoch_before, last_save):
+            if tags or self.checkpoints.due(self.step, epoch_before, self.sampler.epoch):
                 self.save(tags, blocking=False)
-                last_save = time.monotonic()
             # After any evaluation or save, so a signal during them is honoured right here.
             verdict = stop.agree(failed=self._failure is not None)
             if verdict == "failure":
@@ -334,7 +312,7 @@ class Trainer:
             tags = tags + ["final"]
         elif self.stopped_by_signal:
             tags = tags + ["preempted"]
-        if self._last_saved_step != self.step:
+        if self.checkpoints.last_saved_step != self.step:
             self.save(tags, blocking=True)  # synchronous: the process is about to end
         self.checkpoints.close()
         on_every_rank(ctx, self._raise_failure)  # a log line that could not be written: say so now
@@ -352,7 +330,7 @@ class Trainer:
                          f"(k-means {metrics['kmeans_mse']:.4f}, set mean {metrics['trivial_mse']:.4f}), "
                          f"wasserstein {metrics['val_wasserstein']:.4f} "
                          f"(k-means {metrics['kmeans_wasserstein']:.4f})")
-        if self.step == 0 or not metrics["val_mse"] < self.best["val_mse"]:
+        if self.step == 0 or not metrics["val_mse"] < self.counters.best["val_mse"]:
             return []
-        self.best = {"val_mse": metrics["val_mse"], "step": self.step}
+        self.counters.best = {"val_mse": metrics["val_mse"], "step": self.step}
         return ["best"] if self.config.checkpoint.save_best else []

@@ -97,18 +97,35 @@ def test_visualize_and_curves_write_pngs(run_a, tmp_path):
 def test_save_checkpoint_pins_a_tagged_copy_that_retention_keeps(run_a, tmp_path):
     run_dir = str(tmp_path / "a")
     shutil.copytree(run_a / "runs/a", run_dir)
+    steps = [json.loads(m.read_text())["step"] for m in (tmp_path / "a/checkpoints").glob("*/manifest.json")]
     best = ExperimentManager.load_best_model(run_dir)
-    directory = best.save_checkpoint(tag="paper")
+    with pytest.raises(ValueError, match="tag 'best'"):
+        best.save_checkpoint(tag="best")
+    oldest, newest = min(steps), max(steps)
+    directory = ExperimentManager.load(run_dir, checkpoint=str(oldest)).save_checkpoint(tag="paper")
     manifest = json.loads((tmp_path / "a/checkpoints" / directory / "manifest.json").read_text())
-    assert manifest["tags"] == ["paper"]
+    assert manifest["tags"] == ["paper"] and manifest["copy_of"] and manifest["step"] == oldest < newest
     ExperimentManager.load(run_dir).resume_training(num_epochs=3)  # many more commits and retention
     assert (tmp_path / "a/checkpoints" / directory / "manifest.json").exists()
+    resumed = [e for e in read_jsonl(tmp_path / "a/events.jsonl") if e["event"] == "resume"]
+    assert resumed[-1]["step"] == newest  # the copy did not move the run back to its step
+
+
+def test_model_manager_scores_a_checkpoint_as_training_did(run_a):
+    """Training (sharded validation on the trainer's ranks) and ModelManager share one validation."""
+    run_dir = run_a / "runs/a"
+    final = [json.loads(m.read_text()) for m in (run_dir / "checkpoints").glob("*/manifest.json")]
+    final = max(final, key=lambda m: m["sequence"])
+    scores = ModelManager.load(str(run_dir)).evaluate(num_samples=final["config"]["data"]["val_samples"])
+    for ours, training in (("mse", "val_mse"), ("wasserstein", "val_wasserstein"), ("trivial_mse", "trivial_mse"),
+                           ("kmeans_mse", "kmeans_mse"), ("kmeans_wasserstein", "kmeans_wasserstein")):
+        assert scores[ours] == pytest.approx(final["metrics"][training], rel=1e-5), ours
 
 
 def test_separated_model_and_optimizer_files_continue_training(tmp_path):
     """The framework's acceptance test: 50 steps of AdamW with linear warmup, saved as
     separate model and optimizer files, loaded into a fresh model and optimizer."""
-    from dtrain.checkpoint.export import export, load_from_run, load_separate
+    from dtrain.export import export, load_from_run, load_separate
     from dtrain.data import TRAIN_STREAM, make_examples, mixture_spec
     from dtrain.metrics import squared_error
     from dtrain.model import build_model

@@ -90,10 +90,10 @@ dcp_to_torch_save({str(finished_run / 'checkpoints/step_00000006')!r}, {str(tmp_
 full = torch.load({str(tmp_path / 'full.pt')!r}, weights_only=False)
 export = torch.load({str(export)!r}, weights_only=True)
 optimizer = torch.load({str(tmp_path / 'sep/optimizer.pt')!r}, weights_only=True)["optimizer"]
-model = full["train"]["model"]
+model = full["model"]
 assert model.keys() == export["model"].keys(), (model.keys(), export["model"].keys())
 assert all(torch.equal(model[k], export["model"][k]) for k in model)
-adam = full["train"]["optimizer"]["state"]
+adam = full["optimizer"]["state"]
 assert all(torch.equal(adam[k]["exp_avg"], optimizer["state"][k]["exp_avg"]) for k in adam)
 assert "dtrain" not in sys.modules
 print("plain", len(model))
@@ -151,7 +151,7 @@ def test_retention_counts_commits_in_commit_order_and_keeps_what_may_be_a_lost_c
 
 def test_async_saves_hold_the_state_of_their_step(tmp_path):
     """Training goes on while an async save is written: it must still capture its own step."""
-    from dtrain.checkpoint.export import load_from_run
+    from dtrain.export import load_from_run
     import torch
 
     runs = {}

@@ -3,7 +3,9 @@ import torch
 
 from conftest import torchrun_script
 
-WORLDS = (1, 2, 3, 4)
+# Savers and loaders differ in every pair: growing (1 -> 2, 1 -> 3) and shrinking (4 -> 2, 4 -> 3,
+# one of them to a size that does not divide the shards). Same-size loads are the bitwise resume tests.
+SAVES, LOADS = (1, 4), (2, 3)
 
 
 def assert_same_state(loaded, reference):
@@ -37,8 +39,8 @@ def roundtrip(base: str, tmp_path, saves, loads, env=None):
 
 
 def test_every_world_size_loads_every_world_size_exactly(tmp_path):
-    roundtrip(str(tmp_path / "runs"), tmp_path, WORLDS, WORLDS)
+    roundtrip(str(tmp_path / "runs"), tmp_path, SAVES, LOADS)
 
 
 def test_the_same_round_trip_through_s3(tmp_path, s3_env):
-    roundtrip("s3://dtrain-test/roundtrip", tmp_path, saves=(2, 3), loads=(1, 3, 4), env=s3_env)
+    roundtrip("s3://dtrain-test/roundtrip", tmp_path, saves=(3,), loads=(2,), env=s3_env)

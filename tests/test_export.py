@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dtrain.checkpoint.export import load_model
+from dtrain.export import load_model
 from dtrain.config import ExperimentConfig
 from dtrain.model import build_model
 

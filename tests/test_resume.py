@@ -37,6 +37,28 @@ def assert_exactly_once(run_dir, epoch, length):
     assert sorted(r[2] for r in rows) == list(range(length))
 
 
+def to_legacy_layout(directory, scratch):
+    """Rewrite a checkpoint, with plain torch tools, in the layout dtrain wrote before its components
+    were separate DCP objects: everything under one "train" key (docs/design.md)."""
+    import hashlib
+    import json
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+    dcp_to_torch_save(directory, scratch / "full.pt")
+    full = torch.load(scratch / "full.pt", weights_only=False)
+    progress = full.pop("progress")
+    full.update(progress={"step": progress["step"], "samples_seen": progress["samples_seen"]},
+                best=progress["best"], plan=progress["plan"])
+    torch.save({"train": full}, scratch / "legacy.pt")
+    for file in directory.iterdir():
+        if file.name != "manifest.json":
+            file.unlink()
+    torch_save_to_dcp(scratch / "legacy.pt", directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["files"] = {f.name: {"size": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+                         for f in directory.iterdir() if f.name != "manifest.json"}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_same_world_size_resume_is_bitwise_identical(tmp_path):
     args = [*COMMON, "--train.max_steps=8", "--model.dropout=0.1"]
     whole, split = tmp_path / "whole", tmp_path / "split"
@@ -44,11 +66,16 @@ def test_same_world_size_resume_is_bitwise_identical(tmp_path):
     ok(launch([*args, "--run-dir", str(split), "--stop-at-step", "3"], nproc=2))
     again = ok(launch([*args, "--run-dir", str(split), "--stop-at-step", "3"], nproc=2))
     assert "is at step 3, past --stop-at-step 3; nothing to do" in again.stdout
+    legacy = tmp_path / "legacy"
+    shutil.copytree(split, legacy)
+    to_legacy_layout(legacy / "checkpoints/step_00000003", tmp_path)
     ok(launch([*args, "--run-dir", str(split)], nproc=2))
     assert [r["loss"] for r in train_records(whole)] == [r["loss"] for r in train_records(split)]
+    ok(launch([*args, "--run-dir", str(legacy)], nproc=2))  # checkpoints of earlier dtrain versions resume too
+    assert [r["loss"] for r in train_records(whole)] == [r["loss"] for r in train_records(legacy)]
     events = [e["event"] for e in read_jsonl(split / "events.jsonl")]
     assert events == ["start", "checkpoint", "stop", "resume", "checkpoint", "end"]
-    from dtrain.checkpoint.export import load_from_run
+    from dtrain.export import load_from_run
     a_model, a_optim, *_ = load_from_run(str(whole), optimizer=True)
     b_model, b_optim, *_ = load_from_run(str(split), optimizer=True)
     for key, value in a_model.state_dict().items():

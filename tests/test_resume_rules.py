@@ -116,3 +116,18 @@ def test_planned_samples_counts_steps_or_epochs_from_where_training_stands():
     assert planned_samples(config.train, position.step, position.samples_seen, position.sampler) == 3 * 96
     config.train.max_steps = 20
     assert planned_samples(config.train, 11, 132, position.sampler) == 132 + 9 * 12
+
+
+def test_a_resume_trains_on_the_runs_own_device_unless_told_otherwise(tmp_path):
+    from dtrain.config import Settings
+    from dtrain.rundir import CONFIG, RunDirectory
+    from dtrain.train import start_device
+    stored = ExperimentConfig.preset("tiny")
+    stored.train.device = "cpu"
+    RunDirectory(str(tmp_path / "run")).write_text(CONFIG, stored.to_json())
+    requested = Settings(preset="tiny").resolve()
+    assert requested.train.device == "auto"
+    assert start_device(Settings(preset="tiny"), str(tmp_path / "run"), requested) == "cpu"
+    given = Settings(preset="tiny", values={"train.device": "auto"}, sources={"train.device": "the command line"})
+    assert start_device(given, str(tmp_path / "run"), requested) == "auto"
+    assert start_device(Settings(preset="tiny"), str(tmp_path / "new"), requested) == "auto"

@@ -1,6 +1,5 @@
-"""Sharded DCP checkpoints: commit protocol, retention, fallback, export."""
+"""Sharded DCP checkpoints of a run: what they hold, commit protocol, retention, fallback."""
 from .manager import CheckpointError, CheckpointManager
 from .manifest import MANIFEST, Manifest
-from .state import TrainingState
 
-__all__ = ["CheckpointError", "CheckpointManager", "MANIFEST", "Manifest", "TrainingState"]
+__all__ = ["CheckpointError", "CheckpointManager", "MANIFEST", "Manifest"]

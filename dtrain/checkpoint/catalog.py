@@ -21,6 +21,7 @@ Retention and cleanup delete only files dtrain or DCP write, by name.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -28,7 +29,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .manifest import (AUTOMATIC_TAGS, MANIFEST, METADATA, REJECTED, Manifest, ManifestError,
+from ..errors import CheckpointError, ConfigError
+from .manifest import (AUTOMATIC_TAGS, MANIFEST, METADATA, REJECTED, Manifest, ManifestError, find_problems,
                        parse_step_directory, step_directory)
 from .storage import Storage, guard, is_remote, write_whole
 
@@ -47,6 +49,11 @@ class Listing:
     foreign: dict[str, str] = field(default_factory=dict)  # entry -> why it is not dtrain's
     files: dict[str, set] = field(default_factory=dict)  # directory -> its file names
     ever_committed: set[str] | None = None  # directories the run's events record as committed
+
+    @property
+    def trained(self) -> list[Manifest]:
+        """Commits made by training, in commit order: every commit but tagged copies."""
+        return [m for m in self.committed if not m.copy_of]
 
     @property
     def names(self) -> list[str]:
@@ -68,8 +75,9 @@ class Listing:
     def candidates(self, which: str) -> list[Manifest]:
         """Committed checkpoints to try for ``which`` (latest, best or a step), best choice first.
 
-        For ``latest``: the newest commit, then the line it continues (its parents),
-        then the rest by commit order, so a fallback stays on the current line of history.
+        For ``latest``: the newest commit of training (tagged copies do not move the
+        run), then the line it continues (its parents), then the rest by commit order,
+        so a fallback stays on the current line of history.
         """
         newest_first = self.committed[::-1]
         if which == "best":
@@ -77,7 +85,8 @@ class Listing:
         if which != "latest":
             return [m for m in newest_first if m.step == int(which)]
         by_name = {m.directory: m for m in self.committed}
-        line, current = [], newest_first[0] if newest_first else None
+        trained = self.trained[::-1]
+        line, current = [], trained[0] if trained else None
         while current is not None and current not in line:
             line.append(current)
             if current.format == 1:  # no parent recorded: the previous commit continues it
@@ -158,6 +167,45 @@ class CheckpointCatalog:
         except (ValueError, KeyError, TypeError, OSError):
             return "quarantined"
 
+    def choose(self, which: str = "latest", verify: bool = True, report=print) -> Manifest:
+        """The newest sound committed checkpoint for ``which``; corrupt ones are reported and
+        skipped (read-only: the tools that call this never quarantine anything)."""
+        for manifest in self.scan().candidates(which):
+            problems = find_problems(self.fs, self.directory(manifest.directory), manifest, checksums=verify)
+            if not problems:
+                return manifest
+            report(f"dtrain: skipping {manifest.directory}: {'; '.join(problems)}")
+        raise CheckpointError(f"no sound committed checkpoint for {which!r} in {self.url}; "
+                              "see `dtrain inspect` for what is there")
+
+    def copy_tagged(self, which: str, tag: str) -> str:
+        """Commit a copy of checkpoint ``which`` tagged ``tag``, which retention keeps; returns its name.
+
+        A storage-side copy of the files (no process group, no model; on S3 no bytes
+        pass through this process), checked by size against the source's manifest,
+        then committed with its own manifest. The copy does not move the run:
+        "latest" stays the newest checkpoint training committed.
+        """
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", tag) or tag in AUTOMATIC_TAGS:
+            automatic = ", ".join(sorted(AUTOMATIC_TAGS))
+            raise ConfigError(f"tag {tag!r}: use letters, digits, '.', '_' or '-', and not {automatic}")
+        source = self.choose(which)
+        name = self.new_directory(source.step)
+        origin, target = self.directory(source.directory), self.directory(name)
+        with guard("copying checkpoint", f"{self.url}/{source.directory}"):
+            if not is_remote(self.url):
+                self.fs.makedirs(target, exist_ok=True)
+            for file in sorted(source.files):
+                self.fs.copy(f"{origin}/{file}", f"{target}/{file}")
+            self.fs.invalidate_cache()
+            copy = dataclasses.replace(source, tags=[tag], created=time.time(), sequence=self.next_sequence(),
+                                       parent=source.directory, copy_of=source.directory, directory=name,
+                                       save={"mode": "copy"})
+            if problems := find_problems(self.fs, target, copy, checksums=False):
+                raise CheckpointError(f"copying {source.directory} to {name} failed: {'; '.join(problems)}")
+        self.write_manifest(name, copy.to_json())
+        return name
+
     def new_directory(self, step: int) -> str:
         """A fresh directory name for ``step``. An existing directory is never written into; a
         torn one without ``.metadata`` (a save that never finished) is removed and its name reused."""
@@ -197,11 +245,11 @@ class CheckpointCatalog:
         without ``.metadata``, which nothing can load.
         """
         listing = self.scan()
-        committed = listing.committed
+        committed, trained = listing.committed, listing.trained
         if not committed:
             return []
         keep = {committed[-1].directory}
-        keep |= {m.directory for m in (committed[-self.keep_last:] if self.keep_last else committed)}
+        keep |= {m.directory for m in (trained[-self.keep_last:] if self.keep_last else committed)}
         best = [m for m in committed if "best" in m.tags]
         if best:
             keep.add(best[-1].directory)

@@ -23,11 +23,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ..config import CheckpointConfig
 from ..dist import DistContext, on_every_rank, on_main
 from ..errors import CheckpointError, StorageError
 from .catalog import CheckpointCatalog, Listing
 from .manifest import Manifest, checksum_files, data_files, find_problems, unlisted_shards
-from .storage import STORAGE_EXCEPTIONS, SafeLoadPlanner, UnsafeCheckpointError, cause, guard, root_errors
+from .state import load_parts
+from .storage import STORAGE_EXCEPTIONS, UnsafeCheckpointError, cause, guard, root_errors
 
 
 @dataclass
@@ -43,24 +45,40 @@ class PendingSave:
 
 
 class CheckpointManager:
-    def __init__(self, catalog: CheckpointCatalog, ctx: DistContext, async_save: bool = False,
-                 verify: bool = True, events=None, lease=None):
+    def __init__(self, catalog: CheckpointCatalog, ctx: DistContext, config: CheckpointConfig | None = None,
+                 events=None, lease=None):
         self.catalog = catalog
         self.url, self.fs, self.root, self.storage = catalog.url, catalog.fs, catalog.root, catalog.storage
         self.ctx = ctx
-        self.async_save, self.verify = async_save, verify
+        self.config = config or CheckpointConfig()
+        self.async_save, self.verify = self.config.async_save, self.config.verify
         self.events = events  # callable(kind, **fields) on rank 0, or None
         self.lease = lease  # rank 0's RunLease, checked before every commit; None elsewhere
         self._pending: PendingSave | None = None
         self.last_blocked_s = 0.0
         self.last_directory = ""  # of the newest save this manager started
         self.last_committed: str | None = None  # newest committed checkpoint of this line (loaded or saved)
+        self.last_saved_step = -1
+        self._last_save_time = time.monotonic()
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtrain-checksum")
         # Background saves get their own gloo group: sharing the training group with
         # FSDP's collectives hung or aborted with "collective mismatch" (docs/design.md).
-        self._save_group = dist.new_group(backend="gloo") if async_save else None
+        self._save_group = dist.new_group(backend="gloo") if self.async_save else None
 
     # ---- saving ----------------------------------------------------------------------------
+    def due(self, step: int, epoch_before: int, epoch: int) -> bool:
+        """Whether an interval (steps, epochs or seconds) asks for a save after ``step`` (collective)."""
+        ck = self.config
+        due = bool(ck.interval_steps and step % ck.interval_steps == 0)
+        due |= bool(ck.interval_epochs and epoch // ck.interval_epochs > epoch_before // ck.interval_epochs)
+        if ck.interval_seconds:
+            # Rank 0's clock decides for everyone: ranks must never disagree about a save.
+            late = time.monotonic() - self._last_save_time >= ck.interval_seconds
+            flag = torch.tensor([int(self.ctx.is_main and late)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            due |= bool(flag.item())
+        return due
+
     def save(self, state: dict, step: int, tags: list[str], info: dict, blocking: bool = False) -> None:
         """Start a save of ``state`` (collective); it is committed by ``poll``/``wait``.
 
@@ -68,6 +86,7 @@ class CheckpointManager:
         in the background; otherwise the save is written and committed before returning.
         """
         self.wait()  # at most one save in flight
+        self.last_saved_step, self._last_save_time = step, time.monotonic()
         name = on_main(self.ctx, lambda: self.catalog.new_directory(step))
         url = f"{self.url}/{name}"
         self.last_directory = name
@@ -193,7 +212,8 @@ class CheckpointManager:
         return [p for share in on_every_rank(self.ctx, check_share) for p in share]
 
     def _load_into(self, state: dict, manifest: Manifest) -> list[str]:
-        """DCP's load (no code run: restricted metadata, weights-only objects); problems found.
+        """DCP's load into ``state``'s components (no code run: restricted metadata, weights-only
+        objects); the problems found.
 
         A failure of the storage stops the job; anything else wrong with what was read
         (unsafe or damaged metadata, missing keys, wrong sizes) rejects this checkpoint.
@@ -203,7 +223,7 @@ class CheckpointManager:
         try:
             with guard("loading checkpoint", url):
                 reader.read_metadata()
-            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
+            loaded = load_parts(reader, {name: part.state_dict() for name, part in state.items()})
         except UnsafeCheckpointError as error:
             return [str(error)]
         except CheckpointException as error:  # DCP gathers every rank's failure: all ranks are here
@@ -211,6 +231,8 @@ class CheckpointManager:
             if any(isinstance(e, STORAGE_EXCEPTIONS) and not isinstance(e, EOFError) for e in roots):
                 raise StorageError(f"loading checkpoint {url} failed: {cause(error)}") from error
             return [" ".join(str(roots[0] if roots else error).split())[:200]]
+        for name, part in state.items():
+            part.load_state_dict(loaded[name])
         return []
 
     def _reject(self, name: str, problems: list[str]) -> None:

@@ -62,6 +62,7 @@ class Manifest:
     format: int = FORMAT
     sequence: int = 0  # commit order within the run (0: a format 1 manifest)
     parent: str | None = None  # directory this checkpoint continues; None for the first
+    copy_of: str | None = None  # a tagged copy of that directory: never "latest", never counted by keep_last
     directory: str = ""  # filled in when read; not stored
 
     def to_json(self) -> str:
@@ -100,8 +101,9 @@ class Manifest:
             raise ManifestError("step, world_size or sequence out of range")
         if not all(isinstance(t, str) for t in values["tags"]):
             raise ManifestError("tags are not strings")
-        if values.get("parent") is not None and not isinstance(values["parent"], str):
-            raise ManifestError("field 'parent' is not a directory name")
+        for name in ("parent", "copy_of"):
+            if values.get(name) is not None and not isinstance(values[name], str):
+                raise ManifestError(f"field {name!r} is not a directory name")
         files = values["files"]
         for name, entry in files.items():
             if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and entry["size"] >= 0

@@ -1,4 +1,4 @@
-"""Checkpoints for inference: consolidate shards in one process, export, load any format.
+"""Models out of a run: consolidate a checkpoint's shards in one process, export, load any format.
 
 No process group is needed: DCP reads every shard of the requested tensors into
 full-size tensors of a plain (unsharded) model, whatever world size wrote them.
@@ -11,53 +11,33 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from torch.distributed.checkpoint.api import CheckpointException
-
-from ..config import ExperimentConfig
-from ..errors import CheckpointError, ConfigError, DtrainError, StorageError
-from ..model import ClusterTransformer, build_model
-from .catalog import CheckpointCatalog
-from .manifest import Manifest, find_problems
-from .state import TrainingState
-from .storage import SafeLoadPlanner, Storage, UnsafeCheckpointError, cause, guard
+from .checkpoint.state import load_parts
+from .checkpoint.storage import Storage, UnsafeCheckpointError, cause, guard
+from .config import ExperimentConfig
+from .errors import CheckpointError, ConfigError, DtrainError, StorageError
+from .model import ClusterTransformer, build_model
+from .rundir import RunDirectory
 
 EXPORT_FORMAT = "dtrain-model"
-
-
-def choose_checkpoint(catalog: CheckpointCatalog, which: str = "latest", verify: bool = True,
-                      report=print) -> Manifest:
-    """The newest sound committed checkpoint for ``which``; corrupt ones are reported and skipped
-    (read-only: the tools that call this never quarantine anything)."""
-    for manifest in catalog.scan().candidates(which):
-        problems = find_problems(catalog.fs, catalog.directory(manifest.directory), manifest, checksums=verify)
-        if not problems:
-            return manifest
-        report(f"dtrain: skipping {manifest.directory}: {'; '.join(problems)}")
-    raise CheckpointError(f"no sound committed checkpoint for {which!r} in {catalog.url}; "
-                          "see `dtrain inspect` for what is there")
 
 
 def load_from_run(run_url: str, which: str = "latest", optimizer: bool = False, storage: Storage | None = None,
                   verify: bool = True):
     """``(model, optimizer state dict or None, manifest, config)`` consolidated from a run's checkpoint."""
-    from ..rundir import RunDirectory
     run = RunDirectory(run_url, storage)
     catalog = run.catalog()
-    manifest = choose_checkpoint(catalog, which, verify)
+    manifest = catalog.choose(which, verify)
     config = (ExperimentConfig.from_dict(manifest.config, source=f"{manifest.directory}/manifest.json")
               if manifest.config else run.stored_config()[0])
     model = build_model(config.model, config.data.dim)
     wanted = {"model": model.state_dict()}
-    optim = None
     if optimizer:
         optim = torch.optim.AdamW(model.parameters(), lr=config.train.lr,
                                   weight_decay=config.train.weight_decay)
         _, wanted["optimizer"] = get_state_dict(model, optim)  # creates AdamW's state to fill
-    # Only the requested keys are read; the rest of the checkpoint stays on storage.
-    state = {TrainingState.KEY: wanted}
     url = f"{catalog.url}/{manifest.directory}"
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
@@ -65,13 +45,13 @@ def load_from_run(run_url: str, which: str = "latest", optimizer: bool = False, 
         try:
             with guard("loading checkpoint", url):
                 reader.read_metadata()
-            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+            loaded = load_parts(reader, wanted, no_dist=True)
         except (UnsafeCheckpointError, CheckpointException) as error:
             raise CheckpointError(f"loading {url} failed: {cause(error)}") from None
-    model.load_state_dict(state[TrainingState.KEY]["model"])
+    model.load_state_dict(loaded["model"])
     if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
         raise CheckpointError(f"{url} holds non-finite weights (a diverged run); pick an earlier step")
-    return model.eval(), state[TrainingState.KEY].get("optimizer"), manifest, config
+    return model.eval(), loaded.get("optimizer"), manifest, config
 
 
 def export(run_url: str, out: str, which: str = "latest", fmt: str = "pt", separate: bool = False,
