@@ -78,7 +78,7 @@ def inspect(args) -> int:
         return 0
     print(f"{'directory':22s} {'status':9s} {'step':>7s} {'tags':18s} {'world':>5s} {'MB':>9s} {'val_mse':>9s}")
     committed = {m.directory: m for m in listing.committed}
-    newest = listing.committed[-1].directory if listing.committed else None
+    newest = listing.candidates("latest")[0].directory if listing.committed else None
     for name in listing.names:
         m = committed.get(name)
         if m is None:

@@ -59,7 +59,7 @@ def _coverage(run: RunDirectory, legs: list[dict]) -> dict:
         end = legs[i + 1]["from_step"] if i + 1 < len(legs) else float("inf")
         window[leg["leg"]] = (leg["from_step"], end)
     counts: dict[int, Counter] = {}
-    for name in run.list(SAMPLES):
+    for name in run.logs(SAMPLES):
         for record in run.read_jsonl(f"{SAMPLES}/{name}"):
             first, end = window.get(record.get("leg"), (0, -1))
             if first <= record["step"] < end:

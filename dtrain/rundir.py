@@ -9,8 +9,17 @@
 
 ``RUN`` is a local path or an fsspec URL; every form a user may type names one
 directory (``runs/a``, ``./runs/a/``, ``file:///abs/runs/a``). Only rank 0 writes
-these files. Small files are written whole or not at all; a JSONL line cut short
-by a killed writer is skipped when read.
+these files (each rank its own sample records). Small files are written whole or
+not at all; a JSONL line cut short by a killed writer is skipped when read.
+
+On object stores a log cannot be appended to (an append is a download and a
+re-upload of the whole object, so a run's traffic would grow with the square of
+its length). There each log is a directory of immutable parts written once:
+``RUN/metrics/part-<time_ns>-<pid>.jsonl``. Lines wait in memory and are shipped
+as one part every ``ship_seconds``, at every checkpoint save, and when training
+stops; events are shipped at once (the checkpoint catalog relies on them). A
+SIGKILL loses at most the unshipped lines, never a commit. Readers take both
+layouts: the whole file, then the parts in order.
 """
 from __future__ import annotations
 
@@ -24,6 +33,12 @@ from .checkpoint.storage import Storage, guard, is_remote, write_whole
 from .config import ConfigError, ExperimentConfig
 
 CONFIG, EVENTS, METRICS, SAMPLES, CHECKPOINTS = "config.json", "events.jsonl", "metrics.jsonl", "samples", "checkpoints"
+SHIP_SECONDS = 30.0  # on object stores, the longest a log line waits before it is written
+
+
+def parts_of(name: str) -> str:
+    """The directory of a log's parts on object stores: ``metrics.jsonl`` -> ``metrics``."""
+    return name.removesuffix(".jsonl")
 
 
 def normalize_run_url(url: str) -> str:
@@ -49,6 +64,9 @@ class RunDirectory:
         self.url = normalize_run_url(url)
         self.storage = storage or Storage()
         self.fs, self.root = self.storage.filesystem(self.url)
+        self.ship_seconds = SHIP_SECONDS
+        self._unshipped: dict[str, list[str]] = {}  # object stores: log -> lines not yet written
+        self._first_unshipped: dict[str, float] = {}
 
     @property
     def checkpoints_url(self) -> str:
@@ -102,18 +120,40 @@ class RunDirectory:
 
     def append_jsonl(self, name: str, record: dict) -> None:
         line = json.dumps(record, sort_keys=True) + "\n"
+        if is_remote(self.url):
+            self._unshipped.setdefault(name, []).append(line)
+            first = self._first_unshipped.setdefault(name, time.monotonic())
+            if name == EVENTS or time.monotonic() - first >= self.ship_seconds:
+                self.ship(name)
+            return
         with guard("writing", f"{self.url}/{name}"):
             if not is_remote(self.url):
                 self.fs.makedirs(self.fs._parent(self.path(name)), exist_ok=True)
             with self.fs.open(self.path(name), "a") as f:
                 f.write(line)
 
+    def ship(self, name: str | None = None) -> None:
+        """Object stores: write the waiting lines of ``name`` (default: every log) as one new part."""
+        for log in [name] if name else list(self._unshipped):
+            lines = self._unshipped.get(log)
+            if lines:
+                self.write_text(f"{parts_of(log)}/part-{time.time_ns():020d}-{os.getpid()}.jsonl", "".join(lines))
+                del self._unshipped[log], self._first_unshipped[log]
+
+    def logs(self, directory: str) -> list[str]:
+        """The JSONL logs in a subdirectory (``samples``), whichever layout holds them."""
+        names = {n if n.endswith(".jsonl") else f"{n}.jsonl" for n in self.list(directory)}
+        return sorted(names)
+
     def read_jsonl(self, name: str) -> list[dict]:
-        """The records of a JSONL file; a line cut short (or otherwise unreadable) is skipped."""
-        if not self.exists(name):
-            return []
+        """The records of a JSONL log, whole file then parts; a line cut short (or otherwise
+        unreadable) is skipped."""
+        texts = [self.read_text(name)] if self.exists(name) else []
+        parts = parts_of(name)
+        texts += [self.read_text(f"{parts}/{part}") for part in self.list(parts)
+                  if part.startswith("part-") and part.endswith(".jsonl")]
         records = []
-        for line in self.read_text(name).splitlines():
+        for line in "".join(t if t.endswith("\n") else t + "\n" for t in texts).splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
@@ -124,6 +164,7 @@ class RunDirectory:
 
     def list(self, name: str) -> list[str]:
         """Names of the files in a subdirectory (empty when it does not exist)."""
+        self.fs.invalidate_cache(self.path(name))  # object stores list through a cache; others write
         if not self.exists(name):
             return []
         with guard("listing", f"{self.url}/{name}"):
@@ -149,10 +190,12 @@ class RunDirectory:
 
     def stored_config(self) -> tuple[ExperimentConfig, Manifest | None, str]:
         """The run's configuration as of its newest committed checkpoint (so changes made on
-        earlier resumes persist), else ``config.json``; that manifest; and a note when
-        ``config.json`` could not be used. ``ConfigError`` when neither is usable."""
+        earlier resumes persist; tagged copies do not count), else ``config.json``; that
+        manifest; and a note when ``config.json`` could not be used. ``ConfigError`` when
+        neither is usable."""
         first, problem = self.first_config()
-        committed = self.catalog().scan().committed
+        listing = self.catalog().scan()
+        committed = listing.trained or listing.committed
         newest = committed[-1] if committed else None
         if newest is not None and newest.config:
             try:

@@ -16,7 +16,7 @@ import traceback
 import torch.distributed as dist
 
 from .checkpoint.catalog import Listing
-from .checkpoint.storage import STORAGE_EXCEPTIONS, Storage
+from .checkpoint.storage import Storage
 from .config import ExperimentConfig, Settings, build_parser, parse_args, validate
 from .dist import broadcast_from_main, init_distributed, on_main, shutdown
 from .errors import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, KINDS, ConfigError, DtrainError
@@ -101,17 +101,18 @@ def _plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: in
     return {"config": config.to_dict(), "changed": changed_keys(stored, config), "notes": [n for n in notes if n]}
 
 
-def start_device(settings: Settings, run_dir: str, requested: ExperimentConfig) -> str:
+def start_device(settings: Settings, run_dir: str, requested: ExperimentConfig, resume: str = "latest") -> str:
     """The device a start trains on: as given, else the run's own (a resume keeps it), else the preset's.
 
     Every rank reads it: the process group that could share one read needs the
-    device first. A run that cannot be read is reported after the group exists.
+    device first. A run without a usable configuration is reported after the group
+    exists; a storage failure stops every rank here (ranks must not disagree).
     """
-    if "train.device" in settings.values:
-        return settings.values["train.device"]
+    if "train.device" in settings.values or resume == "restart":
+        return requested.train.device
     try:
         return RunDirectory(run_dir, Storage.from_config(requested.checkpoint)).stored_config()[0].train.device
-    except (DtrainError, *STORAGE_EXCEPTIONS):
+    except ConfigError:
         return requested.train.device
 
 
@@ -123,7 +124,7 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
     verdict) and whatever else training raised.
     """
     requested = settings.resolve()
-    ctx = init_distributed(start_device(settings, run_dir, requested))
+    ctx = init_distributed(start_device(settings, run_dir, requested, resume))
     lease = None
     try:
         run = RunDirectory(run_dir, Storage.from_config(requested.checkpoint))

@@ -132,6 +132,7 @@ class Trainer:
                 "config": self.config.to_dict(),
                 "metrics": self.metrics}
         self.checkpoints.save(self.state(), self.step, tags, info, blocking=blocking)
+        self._ship_logs()  # object stores: the log lines up to this checkpoint (dtrain/rundir.py)
 
     def _examples(self, batch: GlobalBatch) -> dict[str, torch.Tensor]:
         streams = train_streams(self.config.data.mode, batch.epochs)
@@ -196,6 +197,12 @@ class Trainer:
                 self.run.append_jsonl(name, record)
             except DtrainError as error:
                 self._failure = error
+
+    def _ship_logs(self) -> None:
+        try:
+            self.run.ship()
+        except DtrainError as error:
+            self._failure = self._failure or error
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
@@ -266,11 +273,13 @@ class Trainer:
             raise
         finally:
             stop.close()
+            self._ship_logs()  # whatever ended training; a failure here was already reported
         return self.metrics
 
     def _loop(self, progress: Progress, stop: StopRequest, stop_at_step: int | None) -> None:
         """Steps until the end, ``stop_at_step`` or an agreed stop; then the last, synchronous save."""
         ctx, train = self.ctx, self.config.train
+        self.checkpoints.start_clock()
         window_loss = torch.zeros((), device=ctx.device)
         window_steps, window_busy = 0, 0.0  # throughput counts step time, not evaluation or saving
         tags: list[str] = []
@@ -315,6 +324,7 @@ class Trainer:
         if self.checkpoints.last_saved_step != self.step:
             self.save(tags, blocking=True)  # synchronous: the process is about to end
         self.checkpoints.close()
+        self._ship_logs()
         on_every_rank(ctx, self._raise_failure)  # a log line that could not be written: say so now
         reason = {"reason": self.stopped_by_signal} if self.stopped_by_signal else {}
         on_main(ctx, lambda: self.run.event("end" if self.finished else "stop", step=self.step,

@@ -1,8 +1,40 @@
-"""A real S3-protocol server (moto's server mode) on loopback, for the tests that need one."""
+"""A real S3-protocol server (moto's server mode) on loopback, for the tests that need one.
+
+``S3_REQUESTS`` records every request the server answers (method, path, bytes in
+and out), so tests count requests and bytes where a real S3 bill would.
+"""
 import logging
 import os
+from dataclasses import dataclass
 
 import pytest
+
+
+@dataclass
+class Request:
+    method: str
+    path: str  # /bucket/key
+    sent: int  # request body bytes
+    received: int  # response body bytes
+
+
+S3_REQUESTS: list[Request] = []
+
+
+class _Recorder:
+    """WSGI middleware in front of moto: one ``Request`` per answered request."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        body = self.app(environ, start_response)
+        chunks = list(body)
+        if hasattr(body, "close"):
+            body.close()
+        S3_REQUESTS.append(Request(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
+                                   int(environ.get("CONTENT_LENGTH") or 0), sum(len(c) for c in chunks)))
+        return chunks
 
 
 @pytest.fixture(scope="session")
@@ -13,6 +45,7 @@ def s3_env():
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    server._server.app = _Recorder(server._server.app)  # werkzeug reads server.app per request
     port = server._server.server_address[1]
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",

@@ -214,7 +214,7 @@ def test_a_crafted_object_inside_a_shard_is_refused_and_runs_nothing(run_copy, t
     marker = tmp_path / "pwned"
     directory = run_copy / "checkpoints/step_00000008"
     metadata = pickle.loads((directory / ".metadata").read_bytes())  # the test trusts its own file
-    key = next(k for k in metadata.storage_data if k.fqn.startswith("train.progress"))
+    key = next(k for k in metadata.storage_data if k.fqn.startswith("progress."))
     info = metadata.storage_data[key]
     payload = io.BytesIO()
     torch.save(Payload(marker), payload)

@@ -1,7 +1,7 @@
 """launch/slurm.sbatch on a real SLURM cluster on loopback (munged, slurmctld, slurmd).
 
 One job's life, as a spot cluster gives it: the time-limit notice
-(``--signal=B:USR1@90`` with ``--time=2``), a requeue onto fewer CPUs, a
+(``--signal=B:USR1@90``, the limit shortened to 2 minutes), a requeue onto fewer CPUs, a
 preemption-style SIGTERM to the step (``scancel --signal=TERM``), a requeue onto
 more CPUs, and the end. Every stop saves with 0 steps lost; every requeue resumes from that
 save on its own number of ranks; every sample of every epoch is seen exactly once.
@@ -19,7 +19,7 @@ from slurm_cluster import Cluster, missing
 
 pytestmark = pytest.mark.skipif(bool(missing()), reason=missing() or "SLURM available")
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 800  # tiny preset: 2x what a leg trains here before the notice; 16 epochs of 800 samples
+STEPS = 1000  # tiny preset: 2x what leg 1 trains here before the notice; 20 epochs of 800 samples
 
 
 def cpus(count):
@@ -43,7 +43,7 @@ def test_a_job_out_of_time_shrunk_and_preempted_finishes_with_every_sample_once(
     with Cluster(tmp_path / "slurm", cpus=2) as cluster:
         cluster.env.update(RUN_DIR=str(run_dir), OMP_NUM_THREADS="1")
         submitted = cluster.run(
-            "sbatch", "--cpus-per-task=2", "--time=2", "--signal=B:USR1@90", "--chdir", str(REPO),
+            "sbatch", "--cpus-per-task=2", "--time=10", "--signal=B:USR1@90", "--chdir", str(REPO),
             "--output", str(cluster.dir / "job.out"), str(REPO / "launch/slurm.sbatch"),
             "--preset", "tiny", f"--train.max_steps={STEPS}", "--data.train_samples=800",
             "--train.eval_interval=0", "--train.log_interval=10", "--checkpoint.interval_steps=0",
@@ -66,7 +66,11 @@ def test_a_job_out_of_time_shrunk_and_preempted_finishes_with_every_sample_once(
                     else None
             return check
 
-        # Leg 1, 2 ranks: the time-limit notice, about 30 s after the start.
+        # Leg 1, 2 ranks: once it trains, its time limit becomes 2 minutes, so the notice (90 s
+        # before the end) comes about 30 s after the start. (Submitting with --time=2 does the same,
+        # but SLURM may send the notice up to 60 s early: before the first step.)
+        wait_for("training to start", lambda: trained_steps() >= 50, 120, cluster)
+        cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=2")
         wait_for("the first requeue", requeued(1), 150, cluster)
         cluster.run("scontrol", "update", f"JobId={job}", *cpus(1), "TimeLimit=10")
         # Leg 2, 1 rank: preempted once it has trained 100 steps.

@@ -97,6 +97,14 @@ class Listing:
         return line + [m for m in newest_first if m not in line]
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class CheckpointCatalog:
     def __init__(self, url: str, storage: Storage | None = None, keep_last: int = 3, keep_every: int = 0,
                  commit_log: Callable[[], set[str] | None] | None = None):
@@ -197,6 +205,10 @@ class CheckpointCatalog:
                 self.fs.makedirs(target, exist_ok=True)
             for file in sorted(source.files):
                 self.fs.copy(f"{origin}/{file}", f"{target}/{file}")
+                if not is_remote(self.url):  # durable before the manifest says it is there
+                    _fsync(f"{target}/{file}")
+            if not is_remote(self.url):
+                _fsync(target)
             self.fs.invalidate_cache()
             copy = dataclasses.replace(source, tags=[tag], created=time.time(), sequence=self.next_sequence(),
                                        parent=source.directory, copy_of=source.directory, directory=name,

@@ -66,6 +66,10 @@ class CheckpointManager:
         self._save_group = dist.new_group(backend="gloo") if self.async_save else None
 
     # ---- saving ----------------------------------------------------------------------------
+    def start_clock(self) -> None:
+        """``interval_seconds`` counts from now: training starts, or a save has returned."""
+        self._last_save_time = time.monotonic()
+
     def due(self, step: int, epoch_before: int, epoch: int) -> bool:
         """Whether an interval (steps, epochs or seconds) asks for a save after ``step`` (collective)."""
         ck = self.config
@@ -86,7 +90,7 @@ class CheckpointManager:
         in the background; otherwise the save is written and committed before returning.
         """
         self.wait()  # at most one save in flight
-        self.last_saved_step, self._last_save_time = step, time.monotonic()
+        self.last_saved_step = step
         name = on_main(self.ctx, lambda: self.catalog.new_directory(step))
         url = f"{self.url}/{name}"
         self.last_directory = name
@@ -101,6 +105,7 @@ class CheckpointManager:
                 future = Future()
                 future.set_result(None)
         blocked = self.last_blocked_s = time.perf_counter() - started
+        self.start_clock()
         checksums = self._background.submit(self._checksum_my_share, future, name)
         self._pending = PendingSave(name, step, list(tags), info, started, blocked,
                                     "async" if background else "sync", checksums)
