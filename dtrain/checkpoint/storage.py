@@ -240,7 +240,23 @@ def guard(action: str, url: str):
     except StorageError:
         raise
     except STORAGE_EXCEPTIONS as error:
-        raise StorageError(f"{action} {url} failed: {cause(error)}") from error
+        why = cause(error)
+        if not is_remote(url) and _nearly_full(url) and _ERRNO_FIX[errno.ENOSPC] not in why:
+            # torch.save's writer reports a short write as "unexpected pos", not as ENOSPC
+            why = f"{_ERRNO_FIX[errno.ENOSPC]} ({why[:120]})"
+        raise StorageError(f"{action} {url} failed: {why}") from error
+
+
+def _nearly_full(url: str) -> bool:
+    """Whether the local file system holding ``url`` has under 1 MiB left."""
+    path = url.removeprefix("file://")
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        stats = os.statvfs(path or "/")
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < 1 << 20
 
 
 def sha256_of(fs, path: str) -> str:
