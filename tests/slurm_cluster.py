@@ -75,7 +75,8 @@ class Cluster:
     def _conf(self) -> str:
         d = self.dir
         return "\n".join([
-            "ClusterName=dtraintest", f"SlurmctldHost={self.host}", "SlurmUser=root", "SlurmdUser=root",
+            # Addresses given, so no host name has to resolve.
+            "ClusterName=dtraintest", f"SlurmctldHost={self.host}(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
             f"AuthInfo=socket={d / 'munge.socket'},cred_expire=10", f"StateSaveLocation={d / 'state'}",
             f"SlurmdSpoolDir={d / 'spool'}", f"SlurmctldLogFile={d / 'slurmctld.log'}",
             f"SlurmdLogFile={d / 'slurmd.log'}", f"SlurmctldPidFile={d / 'slurmctld.pid'}",
@@ -83,7 +84,7 @@ class Cluster:
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core", "MpiDefault=none", "ReturnToService=2", "JobRequeue=1",
             "KillWait=30", "SchedulerParameters=sched_interval=2", "MinJobAge=600",
-            f"NodeName={self.host} CPUs={self.cpus} RealMemory=4000 State=UNKNOWN",
+            f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=4000 State=UNKNOWN",
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP", ""])
 
     def _wait_idle(self, timeout: float = 60) -> None:
