@@ -37,17 +37,10 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=10_000)
     parser.add_argument("--every", type=int, default=100, help="lines between shipped parts (between saves)")
     args = parser.parse_args()
-    import logging
-
-    from moto.server import ThreadedMotoServer
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
-
     import s3server
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    server._server.app = s3server._Recorder(server._server.app)
+    server, endpoint = s3server.start_server()
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{server._server.server_address[1]}")
+                      AWS_ENDPOINT_URL=endpoint)
     import s3fs
 
     from dtrain.rundir import METRICS, RunDirectory

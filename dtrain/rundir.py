@@ -127,8 +127,7 @@ class RunDirectory:
                 self.ship(name)
             return
         with guard("writing", f"{self.url}/{name}"):
-            if not is_remote(self.url):
-                self.fs.makedirs(self.fs._parent(self.path(name)), exist_ok=True)
+            self.fs.makedirs(self.fs._parent(self.path(name)), exist_ok=True)
             with self.fs.open(self.path(name), "a") as f:
                 f.write(line)
 

@@ -37,19 +37,25 @@ class _Recorder:
         return chunks
 
 
-@pytest.fixture(scope="session")
-def s3_env():
-    """Start the server and a bucket; yield the environment that points s3fs (and botocore) at it."""
+def start_server():
+    """A moto server on a free loopback port that records its requests in ``S3_REQUESTS``;
+    returns the server and its endpoint URL."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     server._server.app = _Recorder(server._server.app)  # werkzeug reads server.app per request
-    port = server._server.server_address[1]
+    return server, f"http://127.0.0.1:{server._server.server_address[1]}"
+
+
+@pytest.fixture(scope="session")
+def s3_env():
+    """Start the server and a bucket; yield the environment that points s3fs (and botocore) at it."""
+    server, endpoint = start_server()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-           "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+           "FSSPEC_S3_ENDPOINT_URL": endpoint}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import s3fs

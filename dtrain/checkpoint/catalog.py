@@ -200,14 +200,15 @@ class CheckpointCatalog:
         source = self.choose(which)
         name = self.new_directory(source.step)
         origin, target = self.directory(source.directory), self.directory(name)
+        local = not is_remote(self.url)
         with guard("copying checkpoint", f"{self.url}/{source.directory}"):
-            if not is_remote(self.url):
+            if local:
                 self.fs.makedirs(target, exist_ok=True)
             for file in sorted(source.files):
                 self.fs.copy(f"{origin}/{file}", f"{target}/{file}")
-                if not is_remote(self.url):  # durable before the manifest says it is there
+                if local:  # durable before the manifest says it is there
                     _fsync(f"{target}/{file}")
-            if not is_remote(self.url):
+            if local:
                 _fsync(target)
             self.fs.invalidate_cache()
             copy = dataclasses.replace(source, tags=[tag], created=time.time(), sequence=self.next_sequence(),

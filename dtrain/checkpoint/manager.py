@@ -51,7 +51,6 @@ class CheckpointManager:
         self.url, self.fs, self.root, self.storage = catalog.url, catalog.fs, catalog.root, catalog.storage
         self.ctx = ctx
         self.config = config or CheckpointConfig()
-        self.async_save, self.verify = self.config.async_save, self.config.verify
         self.events = events  # callable(kind, **fields) on rank 0, or None
         self.lease = lease  # rank 0's RunLease, checked before every commit; None elsewhere
         self._pending: PendingSave | None = None
@@ -63,7 +62,7 @@ class CheckpointManager:
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtrain-checksum")
         # Background saves get their own gloo group: sharing the training group with
         # FSDP's collectives hung or aborted with "collective mismatch" (docs/design.md).
-        self._save_group = dist.new_group(backend="gloo") if self.async_save else None
+        self._save_group = dist.new_group(backend="gloo") if self.config.async_save else None
 
     # ---- saving ----------------------------------------------------------------------------
     def start_clock(self) -> None:
@@ -95,7 +94,7 @@ class CheckpointManager:
         url = f"{self.url}/{name}"
         self.last_directory = name
         started = time.perf_counter()
-        background = self.async_save and not blocking
+        background = self.config.async_save and not blocking
         with guard("writing checkpoint", url):  # DCP gathers every rank's failure: all raise
             if background:
                 future = dcp.async_save(state, storage_writer=self.storage.writer(url),
@@ -208,7 +207,7 @@ class CheckpointManager:
 
         def check_share() -> list[str]:
             with guard("reading checkpoint", f"{self.url}/{manifest.directory}"):
-                problems = find_problems(self.fs, directory, manifest, mine, self.verify)
+                problems = find_problems(self.fs, directory, manifest, mine, self.config.verify)
                 if self.ctx.is_main:
                     present = {p.rsplit("/", 1)[-1] for p in self.fs.ls(directory, detail=False)}
                     problems += unlisted_shards(present, manifest)

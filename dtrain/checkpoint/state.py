@@ -2,9 +2,9 @@
 
 The trainer's components are separate DCP ``Stateful`` objects, saved and
 loaded with one DCP call: ``model`` and ``optimizer`` (sharded DTensors through
-``get_state_dict``/``set_state_dict``, so every rank writes and reads only its
-slices and DCP reshards when the world size changes), ``progress``, ``sampler``
-and ``schedule``. Checkpoints written before this layout hold the same values
+``get_model_state_dict``/``get_optimizer_state_dict`` and their setters, so
+every rank writes and reads only its slices and DCP reshards when the world size
+changes), ``progress``, ``sampler`` and ``schedule``. Checkpoints written before this layout hold the same values
 under one ``train`` key; ``load_parts`` reads both.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Counters(Stateful):
     plan: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
-        return {**asdict(self), "best": dict(self.best), "plan": dict(self.plan)}
+        return asdict(self)  # copies best and plan too
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
