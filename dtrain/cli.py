@@ -18,7 +18,8 @@ import sys
 from . import train
 from .checkpoint.catalog import Listing
 from .checkpoint.manifest import find_problems
-from .checkpoint.storage import STORAGE_EXCEPTIONS, Storage, UnsafeCheckpointError, cause
+from .checkpoint.dcp_io import UnsafeCheckpointError
+from .checkpoint.storage import STORAGE_EXCEPTIONS, Storage, cause
 from .errors import EXIT_CRASH, EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, CheckpointError, ConfigError, DtrainError
 from .rundir import RunDirectory
 
@@ -111,7 +112,7 @@ def verify(args) -> int:
                 problems = [str(error)]
         bad += bool(problems)
         print(f"{m.directory}: " + ("CORRUPT: " + "; ".join(problems) if problems else
-                                    f"ok ({len(m.files)} files, sizes and SHA-256 match)"))
+                                    f"ok ({len(m.files)} files, sizes and checksums match)"))
     for name in others:
         status, why = _state(listing, name)
         bad += status in ("damaged", "rejected")

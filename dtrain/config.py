@@ -90,7 +90,7 @@ class CheckpointConfig:
     keep_last: int = opt(3, "keep this many newest committed checkpoints, plus best and keep_every; 0 keeps all")
     keep_every: int = opt(0, "also keep checkpoints whose step is a multiple of this; 0 disables")
     async_save: bool = opt(False, "write interval saves in the background (final saves stay synchronous)")
-    verify: bool = opt(True, "check every file's SHA-256 before loading (sizes are always checked)")
+    verify: bool = opt(True, "check every byte a load reads against the manifest's checksums (sizes are always checked)")
     save_best: bool = opt(True, "save when validation MSE reaches a new best (tagged best)")
     endpoint_url: str = opt("", "S3 endpoint URL for every file of the run; empty: AWS_ENDPOINT_URL and the "
                                 "usual AWS configuration")

@@ -15,7 +15,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from .checkpoint.state import load_parts
-from .checkpoint.storage import Storage, UnsafeCheckpointError, cause, guard
+from .checkpoint.dcp_io import UnsafeCheckpointError
+from .checkpoint.storage import Storage, cause, guard
 from .config import ExperimentConfig
 from .errors import CheckpointError, ConfigError, DtrainError, StorageError
 from .model import ClusterTransformer, build_model

@@ -58,8 +58,10 @@ def damage(path, how):
         path.write_bytes(data)
 
 
-@pytest.mark.parametrize("how, reason", [("truncate", "size"), ("flip", "SHA-256 differs")])
-def test_a_damaged_shard_is_named_by_verify_and_resume_falls_back(finished_run, how, reason):
+@pytest.mark.parametrize("how, reason, nproc", [("truncate", "size", 2),
+                                                ("flip", "CRC32C of bytes 0-", 1)])
+def test_a_damaged_shard_is_named_by_verify_and_resume_falls_back(finished_run, how, reason, nproc):
+    """A wrong size is found before loading; a flipped byte as the (resharded) load reads it."""
     run_dir = finished_run
     damage(run_dir / "checkpoints/step_00000006/__1_0.distcp", how)
     verdict = dtrain_cli("verify", str(run_dir), "6")
@@ -67,7 +69,7 @@ def test_a_damaged_shard_is_named_by_verify_and_resume_falls_back(finished_run, 
     assert f"step_00000006: CORRUPT: __1_0.distcp: {reason}" in verdict.stdout
     assert dtrain_cli("verify", str(run_dir), "4").returncode == 0
 
-    resumed = launch(["--run-dir", str(run_dir), "--train.max_steps=8"], nproc=2)
+    resumed = launch(["--run-dir", str(run_dir), "--train.max_steps=8"], nproc=nproc)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "checkpoint step_00000006 is unusable (__1_0.distcp" in resumed.stdout
     assert "resuming from step_00000004" in resumed.stdout

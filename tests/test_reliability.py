@@ -233,11 +233,15 @@ def test_a_crafted_object_inside_a_shard_is_refused_and_runs_nothing(run_copy, t
 
 def commit_as_is(directory: Path, step: int | None = None, sequence: int | None = None) -> None:
     """Write a manifest that matches the directory's files (as an attacker could)."""
-    import hashlib
+    from dtrain.checkpoint.integrity import BlockChecksum
     previous = sorted(directory.parent.glob("step_*/manifest.json"))[-1]
     manifest = json.loads(previous.read_text())
-    manifest["files"] = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-                         for p in directory.iterdir() if p.name not in ("manifest.json", "rejected.json")}
+    manifest["files"] = {}
+    for p in directory.iterdir():
+        if p.name not in ("manifest.json", "rejected.json"):
+            checksum = BlockChecksum()
+            checksum.update(p.read_bytes())
+            manifest["files"][p.name] = checksum.entry()
     if step is not None:
         manifest["step"] = step
     if sequence is not None:

@@ -56,6 +56,7 @@ def to_legacy_layout(directory, scratch):
     manifest = json.loads((directory / "manifest.json").read_text())
     manifest["files"] = {f.name: {"size": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
                          for f in directory.iterdir() if f.name != "manifest.json"}
+    manifest["format"] = 2  # as dtrain wrote manifests then: one SHA-256 per file
     (directory / "manifest.json").write_text(json.dumps(manifest))
 
 

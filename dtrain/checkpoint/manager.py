@@ -2,10 +2,12 @@
 
 Every save goes to a new ``step_NNNNNNNN`` directory (DCP must never write over
 an existing checkpoint). It counts only once rank 0 has written its manifest,
-after DCP's ``.metadata`` exists and every file's checksum is known, and only
-while this job still holds the run directory's lease. Retention runs only after
+after DCP's ``.metadata`` exists and every file's checksums are known (computed
+as DCP wrote them: nothing is read back), and only while this job still holds
+the run directory's lease. Retention runs only after
 a commit and never removes the newest or the best checkpoint. A checkpoint that
-a load finds unusable is quarantined and the previous one is tried.
+a load finds unusable (a missing file, a wrong size, bytes whose checksum differs
+as they are read) is quarantined and the previous one is tried.
 
 Every rank reaches the same verdict at the same point: rank-0-only steps and
 per-rank checks are agreed (``dist.on_main``, ``dist.on_every_rank``), so a
@@ -27,9 +29,11 @@ from ..config import CheckpointConfig
 from ..dist import DistContext, on_every_rank, on_main
 from ..errors import CheckpointError, StorageError
 from .catalog import CheckpointCatalog, Listing
-from .manifest import Manifest, checksum_files, data_files, find_problems, unlisted_shards
+from .dcp_io import UnsafeCheckpointError
+from .integrity import CorruptCheckpointError
+from .manifest import Manifest, data_files, find_problems, unlisted_shards
 from .state import load_parts
-from .storage import STORAGE_EXCEPTIONS, UnsafeCheckpointError, cause, guard, root_errors
+from .storage import STORAGE_EXCEPTIONS, cause, guard, root_errors
 
 
 @dataclass
@@ -41,7 +45,7 @@ class PendingSave:
     started: float
     blocked_s: float
     mode: str
-    checksums: Future  # this rank's {file: {size, sha256}}, once DCP's write is done
+    written: Future  # this rank's files as manifest entries, once DCP's write is done
 
 
 class CheckpointManager:
@@ -59,7 +63,7 @@ class CheckpointManager:
         self.last_committed: str | None = None  # newest committed checkpoint of this line (loaded or saved)
         self.last_saved_step = -1
         self._last_save_time = time.monotonic()
-        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtrain-checksum")
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtrain-save")
         # Background saves get their own gloo group: sharing the training group with
         # FSDP's collectives hung or aborted with "collective mismatch" (docs/design.md).
         self._save_group = dist.new_group(backend="gloo") if self.config.async_save else None
@@ -95,38 +99,35 @@ class CheckpointManager:
         self.last_directory = name
         started = time.perf_counter()
         background = self.config.async_save and not blocking
+        writer = self.storage.writer(url)
         with guard("writing checkpoint", url):  # DCP gathers every rank's failure: all raise
             if background:
-                future = dcp.async_save(state, storage_writer=self.storage.writer(url),
-                                        process_group=self._save_group)
+                future = dcp.async_save(state, storage_writer=writer, process_group=self._save_group)
             else:
-                dcp.save(state, storage_writer=self.storage.writer(url))
+                dcp.save(state, storage_writer=writer)
                 future = Future()
                 future.set_result(None)
         blocked = self.last_blocked_s = time.perf_counter() - started
         self.start_clock()
-        checksums = self._background.submit(self._checksum_my_share, future, name)
+        written = self._background.submit(self._written, future, writer, url)
         self._pending = PendingSave(name, step, list(tags), info, started, blocked,
-                                    "async" if background else "sync", checksums)
+                                    "async" if background else "sync", written)
         if not background:
             self.wait()
 
-    def _checksum_my_share(self, future: Future, name: str) -> dict:
-        """After DCP's write (every rank's, since DCP's finish is collective), hash 1/W of the files."""
-        url = f"{self.url}/{name}"
+    @staticmethod
+    def _written(future: Future, writer, url: str) -> dict:
+        """This rank's files with their checksums, once DCP's write is done (every rank's: DCP's
+        finish is collective, and rank 0's share includes .metadata)."""
         with guard("writing checkpoint", url):
             future.result()
-        with guard("reading back checkpoint", url):
-            directory = f"{self.root}/{name}"
-            self.fs.invalidate_cache()
-            names = data_files(self.fs, directory)
-            return checksum_files(self.fs, directory, names[self.ctx.rank :: self.ctx.world_size])
+        return writer.written
 
     def poll(self) -> None:
         """Commit the save in flight if every rank has finished it (collective, cheap)."""
         if self._pending is None:
             return
-        done = torch.tensor([1 if self._pending.checksums.done() else 0])
+        done = torch.tensor([1 if self._pending.written.done() else 0])
         dist.all_reduce(done, op=dist.ReduceOp.MIN)
         if done.item():
             self._commit()
@@ -138,13 +139,20 @@ class CheckpointManager:
 
     def _commit(self) -> None:
         pending, self._pending = self._pending, None
-        shares = on_every_rank(self.ctx, pending.checksums.result)
+        shares = on_every_rank(self.ctx, pending.written.result)
         files = {name: entry for share in shares for name, entry in share.items()}
         total_s = time.perf_counter() - pending.started
 
         def write_manifest_and_retain() -> None:
             if self.lease is not None:
                 self.lease.check()  # another job took the run over: commit nothing, delete nothing
+            with guard("listing checkpoint", f"{self.url}/{pending.name}"):
+                self.fs.invalidate_cache()
+                present = data_files(self.fs, f"{self.root}/{pending.name}")
+            if sorted(files) != present:  # every file DCP wrote passed through the checksums
+                raise CheckpointError(f"checkpoint {pending.name} holds {present}, but checksums were "
+                                      f"computed for {sorted(files)}; this torch's DCP writes files "
+                                      "dtrain does not see: report it")
             manifest = Manifest(step=pending.step, tags=pending.tags, files=files, created=time.time(),
                                 save={"mode": pending.mode, "blocked_s": round(pending.blocked_s, 4),
                                       "total_s": round(total_s, 4)},
@@ -165,8 +173,8 @@ class CheckpointManager:
              check: Callable[[], list[str]] | None = None) -> Manifest | None:
         """Load the newest sound checkpoint for ``which`` into ``state`` (collective).
 
-        Each rank checks a share of the files (sizes always, checksums if ``verify``);
-        ``check`` (per rank, after loading) may find more, such as non-finite values. A
+        Each rank checks a share of the files' sizes; with ``verify``, the bytes are
+        checked as DCP reads them (format 1-2 checkpoints: read whole first). ``check`` (per rank, after loading) may find more, such as non-finite values. A
         damaged, corrupt or unsafe checkpoint is reported, quarantined, and the
         previous one is tried. Returns the loaded manifest, or None when the run has no
         committed checkpoint.
@@ -204,10 +212,11 @@ class CheckpointManager:
         """Every rank checks its share of the files; rank 0 also that no shard is unlisted."""
         directory = f"{self.root}/{manifest.directory}"
         mine = sorted(manifest.files)[self.ctx.rank :: self.ctx.world_size]
+        read_whole = self.config.verify and not manifest.checked_as_read
 
         def check_share() -> list[str]:
             with guard("reading checkpoint", f"{self.url}/{manifest.directory}"):
-                problems = find_problems(self.fs, directory, manifest, mine, self.config.verify)
+                problems = find_problems(self.fs, directory, manifest, mine, read_whole)
                 if self.ctx.is_main:
                     present = {p.rsplit("/", 1)[-1] for p in self.fs.ls(directory, detail=False)}
                     problems += unlisted_shards(present, manifest)
@@ -217,18 +226,19 @@ class CheckpointManager:
 
     def _load_into(self, state: dict, manifest: Manifest) -> list[str]:
         """DCP's load into ``state``'s components (no code run: restricted metadata, weights-only
-        objects); the problems found.
+        objects; every byte checked as it is read); the problems found.
 
         A failure of the storage stops the job; anything else wrong with what was read
-        (unsafe or damaged metadata, missing keys, wrong sizes) rejects this checkpoint.
+        (unsafe or damaged metadata, bytes that fail their checksum, missing keys, wrong
+        sizes) rejects this checkpoint.
         """
         url = f"{self.url}/{manifest.directory}"
-        reader = self.storage.reader(url)
+        reader = self.storage.reader(url, manifest.files if self.config.verify else None)
         try:
             with guard("loading checkpoint", url):
                 reader.read_metadata()
             loaded = load_parts(reader, {name: part.state_dict() for name, part in state.items()})
-        except UnsafeCheckpointError as error:
+        except (UnsafeCheckpointError, CorruptCheckpointError) as error:
             return [str(error)]
         except CheckpointException as error:  # DCP gathers every rank's failure: all ranks are here
             roots = root_errors(error)

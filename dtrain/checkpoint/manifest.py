@@ -2,14 +2,16 @@
 
 A checkpoint directory without a manifest is torn (a crashed or unfinished save)
 and is never loaded. The manifest lists every file of the checkpoint with its
-size and SHA-256, so a truncated or altered file is found before a load trusts
-it. A manifest that cannot be read, or that does not describe a DCP checkpoint
+size and checksums (a CRC32C per block, integrity.py), so a truncated or altered
+file is found by the load that reads it. A manifest that cannot be read, or that does not describe a DCP checkpoint
 (no ``.metadata``, no shard), is *damaged*: never a commit.
 
 Format 2 adds ``sequence`` (commit order: "latest" is the newest commit, not the
 highest step, so a resumed older step starts a new line of history) and
 ``parent`` (the checkpoint this one continues). Format 1 manifests are still
-read: their commit order is their step order.
+read: their commit order is their step order. Format 3 replaces each file's
+SHA-256 (formats 1-2, still read and checked whole) with block checksums computed
+as DCP wrote the file.
 """
 from __future__ import annotations
 
@@ -18,17 +20,16 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .storage import sha256_of
+from .integrity import check_file, has_blocks, is_valid_entry
 
 MANIFEST = "manifest.json"
 REJECTED = "rejected.json"  # the quarantine marker of a checkpoint found unusable
 METADATA = ".metadata"
 # Tags the trainer sets; any other tag is the user's and pins the checkpoint against retention.
 AUTOMATIC_TAGS = {"best", "final", "preempted"}
-FORMAT = 2
-READABLE_FORMATS = (1, 2)
+FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 _STEP_DIR = re.compile(r"^step_(\d{8,})(?:_(\d+))?$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ManifestError(ValueError):
@@ -54,7 +55,7 @@ class Manifest:
     global_batch_size: int
     micro_batch_size: int
     config_fingerprint: str
-    files: dict[str, dict]  # name -> {"size": int, "sha256": str}
+    files: dict[str, dict]  # name -> {"size", "block", "crc32c"} (format 3) or {"size", "sha256"}
     metrics: dict = field(default_factory=dict)
     save: dict = field(default_factory=dict)  # mode, blocked_s, total_s
     config: dict = field(default_factory=dict)  # the run's configuration at this step
@@ -74,6 +75,11 @@ class Manifest:
         """Commit order: format 2 by sequence; format 1 (sequence 0) by step and attempt."""
         step, attempt = parse_step_directory(self.directory) or (self.step, 0)
         return self.sequence, step, attempt
+
+    @property
+    def checked_as_read(self) -> bool:
+        """Whether a load can check each byte as it reads it (block checksums, format 3)."""
+        return all(has_blocks(entry) for entry in self.files.values())
 
     @classmethod
     def from_json(cls, text: str, directory: str = "") -> "Manifest":
@@ -106,9 +112,8 @@ class Manifest:
                 raise ManifestError(f"field {name!r} is not a directory name")
         files = values["files"]
         for name, entry in files.items():
-            if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and entry["size"] >= 0
-                    and isinstance(entry.get("sha256"), str) and _SHA256.match(entry["sha256"])):
-                raise ManifestError(f"entry for {name!r} is not {{size, sha256}}")
+            if not is_valid_entry(entry):
+                raise ManifestError(f"entry for {name!r} is not {{size, block, crc32c}} or {{size, sha256}}")
             if "/" in name or name in ("", ".", ".."):
                 raise ManifestError(f"file name {name!r} is not a name inside the checkpoint")
         if METADATA not in files or not any(name.endswith(".distcp") for name in files):
@@ -117,11 +122,6 @@ class Manifest:
         if any(isinstance(v, float) and not math.isfinite(v) for v in metrics.values()):
             raise ManifestError("its metrics are not finite")
         return cls(**values, directory=directory)
-
-
-def checksum_files(fs, directory: str, names: list[str]) -> dict[str, dict]:
-    return {name: {"size": fs.size(f"{directory}/{name}"), "sha256": sha256_of(fs, f"{directory}/{name}")}
-            for name in names}
 
 
 def data_files(fs, directory: str) -> list[str]:
@@ -148,8 +148,8 @@ def find_problems(fs, directory: str, manifest: Manifest, names: list[str] | Non
             problems.append(f"{name}: missing")
         elif present[name] != expected["size"]:
             problems.append(f"{name}: size {present[name]} bytes, manifest says {expected['size']}")
-        elif checksums and sha256_of(fs, f"{directory}/{name}") != expected["sha256"]:
-            problems.append(f"{name}: SHA-256 differs from the manifest (contents altered)")
+        elif checksums and (problem := check_file(fs, f"{directory}/{name}", expected, name)):
+            problems.append(problem)
     return problems
 
 

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
 
-from .storage import SafeLoadPlanner
+from .dcp_io import SafeLoadPlanner
 
 LEGACY_KEY = "train"  # the single key of checkpoints written before the components were split
 

@@ -2,13 +2,11 @@
 
 Shard I/O is DCP's own (``FileSystemWriter``/``Reader`` for local paths,
 ``FsspecWriter``/``Reader`` for URLs: s3fs for ``s3://``, credentials from the
-usual AWS environment). Three things are added here, for every caller:
+usual AWS environment), with dtrain's checksums, read plan and trust boundary
+added (dcp_io.py). Two things are added here, for every caller:
 
 - bounded storage calls: a per-request timeout and a few retries, so a stalled
   endpoint ends the job with one line instead of hanging it;
-- loading executes no code: ``.metadata`` is unpickled by an unpickler that
-  admits only DCP's metadata types, and small non-tensor values are read with
-  ``torch.load(weights_only=True)`` (docs/design.md, "Trust boundary");
 - every storage failure becomes a ``StorageError`` whose message is one line
   naming the URL and the cause.
 """
@@ -16,24 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import io
 import os
-import pickle
 from dataclasses import dataclass
 
 import fsspec
-import torch
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.planner import ReadItem
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-from torch.distributed.checkpoint._traverse import set_element
 
 from ..errors import ConfigError, StorageError
-
-CHUNK = 8 << 20
+from .dcp_io import CheckedFileSystemReader, CheckedFileSystemWriter, CheckedFsspecReader, CheckedFsspecWriter
 
 
 @dataclass(frozen=True)
@@ -72,105 +60,21 @@ class Storage:
                                   "s3://bucket/prefix (pip install dtrain[s3])") from None
 
     def writer(self, url: str):
+        """DCP's writer for ``url``; its ``written`` lists the files this rank wrote, with checksums."""
         if is_remote(url):
             # S3 streams have no fileno(); with sync_files DCP would fall back to a host-wide os.sync().
-            return FsspecWriter(url, sync_files=False, overwrite=False, **self.options(url))
-        return FileSystemWriter(url, sync_files=True, overwrite=False)
+            return CheckedFsspecWriter(url, sync_files=False, overwrite=False, **self.options(url))
+        return CheckedFileSystemWriter(url, sync_files=True, overwrite=False)
 
-    def reader(self, url: str):
+    def reader(self, url: str, checksums: dict | None = None):
+        """DCP's reader for ``url``, checking what it reads against ``checksums`` (a manifest's files)."""
         if is_remote(url):
-            return SafeFsspecReader(url, **self.options(url))
-        return SafeFileSystemReader(url)
+            return CheckedFsspecReader(url, checksums, **self.options(url))
+        return CheckedFileSystemReader(url, checksums)
 
 
 def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
-
-
-# ---- loading runs no code ------------------------------------------------------------------
-_METADATA_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
-        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-    ("pathlib", "PureWindowsPath")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits DCP's metadata classes by name, torch.Size, dtypes and layouts: nothing else,
-    and no dotted names (which would reach any attribute of an allowed module)."""
-
-    def find_class(self, module: str, name: str):
-        if "." not in name:
-            if (module, name) in _METADATA_CLASSES:
-                return super().find_class(module, name)
-            value = getattr(torch, name, None) if module == "torch" else None
-            if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
-                return value
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata "
-                                     "(it could run code)")
-
-
-def load_metadata(stream):
-    from torch.distributed.checkpoint.metadata import Metadata
-    metadata = _MetadataUnpickler(stream).load()
-    if not isinstance(metadata, Metadata):
-        raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP's Metadata")
-    return metadata
-
-
-class _SafeMetadata:
-    """DCP's ``read_metadata`` with the restricted unpickler instead of ``pickle.load``.
-
-    The result is kept, so a caller can read (and vet) the metadata before ``dcp.load``
-    without a second read: DCP logs a failed metadata read with a traceback on the root
-    logger, so failures are best found here first.
-    """
-
-    _metadata = None
-
-    def read_metadata(self, *args, **kwargs):
-        from torch.distributed.checkpoint.metadata import StorageMeta
-        if self._metadata is None or kwargs.get("rank") is not None:
-            path = self._get_metadata_path(kwargs.get("rank"))
-            with self.fs.create_stream(path, "rb") as stream:
-                try:
-                    metadata = load_metadata(stream)
-                except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
-                        TypeError, ValueError) as error:
-                    raise UnsafeCheckpointError(f".metadata: {error}") from None
-            if kwargs.get("rank") is not None:
-                return metadata
-            self._metadata = metadata
-        if getattr(self._metadata, "storage_meta", None) is None:
-            self._metadata.storage_meta = StorageMeta()
-        self._metadata.storage_meta.load_id = self.load_id
-        return self._metadata
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint's .metadata is damaged or asks to run code; it is never loaded."""
-
-
-class SafeFileSystemReader(_SafeMetadata, FileSystemReader):
-    pass
-
-
-class SafeFsspecReader(_SafeMetadata, FsspecReader):
-    pass
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's load planner, but small non-tensor values are read with ``weights_only=True``."""
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        loaded = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = loaded
 
 
 # ---- one line for every storage failure ----------------------------------------------------
@@ -257,14 +161,6 @@ def _nearly_full(url: str) -> bool:
     except OSError:
         return False
     return stats.f_bavail * stats.f_frsize < 1 << 20
-
-
-def sha256_of(fs, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_whole(fs, path: str, text: str) -> None:

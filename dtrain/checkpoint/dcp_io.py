@@ -1,0 +1,311 @@
+"""How dtrain's checkpoints pass through DCP's storage layer: every byte once, checked.
+
+DCP's ``FileSystemWriter``/``Reader`` (local) and ``FsspecWriter``/``Reader``
+(object storage) do the I/O, in DCP's own format, so plain PyTorch tools read
+the result. dtrain adds three things (docs/design.md, "Checkpoint I/O"):
+
+- **Checksums in the write.** Every file DCP writes goes through a CRC32C per
+  1 MiB block (integrity.py); the writer hands them to the manifest, so a save
+  reads nothing back.
+- **Few, large, checked reads.** DCP 2.13's ``read_data`` reads item by item (one
+  request per tensor on object storage, plus read-ahead). Here a rank sorts the
+  items it needs per file, merges neighbours into spans of up to 64 MiB, fetches
+  each span in one request (a few in parallel on object storage), checks every
+  block against the manifest, then hands the items to DCP's planner exactly as
+  DCP does. Bad bytes raise ``CorruptCheckpointError``: the load falls back.
+- **Loading runs no code.** ``.metadata`` is unpickled by an unpickler that admits
+  only DCP's metadata types, and small non-tensor values are read with
+  ``torch.load(weights_only=True)`` (docs/design.md, "Trust boundary").
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+from torch.futures import Future
+
+from .integrity import BlockChecksum, CorruptCheckpointError, check_range, covering, has_blocks
+
+SPAN_BYTES = 64 << 20  # the most one read request fetches, unless one item is larger
+METADATA = ".metadata"
+
+
+# ---- writing: checksums as the bytes go out ------------------------------------------------
+class _ChecksummingStream:
+    """A write stream that feeds every byte written to a ``BlockChecksum``."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.checksum = BlockChecksum()
+
+    def write(self, data) -> int:
+        written = self.raw.write(data)
+        view = memoryview(data).cast("B")
+        self.checksum.update(view if written is None else view[:written])
+        return len(view) if written is None else written
+
+    def writable(self) -> bool:
+        return True
+
+    def __getattr__(self, name):  # tell, flush, close, fileno: the raw stream's
+        return getattr(self.raw, name)
+
+
+class _ChecksummedFiles:
+    """DCP's file-system object, with each file written recorded as a manifest entry."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.entries: dict[str, dict] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str):
+        with self.inner.create_stream(path, mode) as stream:
+            if "w" not in mode:
+                yield stream
+                return
+            checksummed = _ChecksummingStream(stream)
+            yield checksummed
+            self.entries[os.path.basename(os.fspath(path))] = checksummed.checksum.entry()
+
+    def rename(self, path, new_path) -> None:  # DCP writes .metadata under a temporary name
+        self.inner.rename(path, new_path)
+        entry = self.entries.pop(os.path.basename(os.fspath(path)), None)
+        if entry is not None:
+            self.entries[os.path.basename(os.fspath(new_path))] = entry
+
+
+class _ChecksummedWrites:
+    """A DCP writer whose ``written`` gives this rank's files as manifest entries."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fs = _ChecksummedFiles(self.fs)
+
+    @property
+    def written(self) -> dict[str, dict]:
+        return dict(self.fs.entries)
+
+
+class CheckedFileSystemWriter(_ChecksummedWrites, FileSystemWriter):
+    pass
+
+
+class CheckedFsspecWriter(_ChecksummedWrites, FsspecWriter):
+    pass
+
+
+# ---- reading: few requests, each byte once, checked ---------------------------------------
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint's .metadata is damaged or asks to run code; it is never loaded."""
+
+
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits DCP's metadata classes by name, torch.Size, dtypes and layouts: nothing else,
+    and no dotted names (which would reach any attribute of an allowed module)."""
+
+    def find_class(self, module: str, name: str):
+        if "." not in name:
+            if (module, name) in _METADATA_CLASSES:
+                return super().find_class(module, name)
+            value = getattr(torch, name, None) if module == "torch" else None
+            if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+                return value
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata "
+                                     "(it could run code)")
+
+
+def load_metadata(stream):
+    from torch.distributed.checkpoint.metadata import Metadata
+    metadata = _MetadataUnpickler(stream).load()
+    if not isinstance(metadata, Metadata):
+        raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP's Metadata")
+    return metadata
+
+
+@dataclass
+class _Span:
+    """One read request: ``[start, end)`` of ``file``, and the items it holds."""
+
+    file: str
+    start: int
+    end: int
+    items: list[tuple[int, int, list[ReadItem]]] = field(default_factory=list)  # offset, length, requests
+
+
+class _CheckedReads:
+    """``read_metadata`` and ``read_data`` for DCP's readers, checked against ``checksums``
+    (the manifest's file entries; None reads unchecked)."""
+
+    checksums: dict[str, dict] | None = None
+    read_threads = 1
+    _metadata = None
+
+    def read_metadata(self, *args, **kwargs):
+        """The restricted unpickler instead of ``pickle.load``, on checked bytes. The result
+        is kept, so a caller can read (and vet) the metadata before ``dcp.load`` without a
+        second read: DCP logs a failed metadata read with a traceback on the root logger."""
+        from torch.distributed.checkpoint.metadata import StorageMeta
+        if self._metadata is None or kwargs.get("rank") is not None:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as stream:
+                data = stream.read()
+            entry = self._entry(METADATA)
+            if entry is not None:
+                self._check(entry, METADATA, 0, data)
+            try:
+                metadata = load_metadata(io.BytesIO(data))
+            except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
+                    TypeError, ValueError) as error:
+                raise UnsafeCheckpointError(f".metadata: {error}") from None
+            if kwargs.get("rank") is not None:
+                return metadata
+            self._metadata = metadata
+        if getattr(self._metadata, "storage_meta", None) is None:
+            self._metadata.storage_meta = StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+    def read_data(self, plan, planner) -> Future:
+        wanted: dict[tuple[str, int, int], list[ReadItem]] = {}
+        for request in plan.items:
+            stored = self.storage_data[request.storage_index]
+            wanted.setdefault((stored.relative_path, stored.offset, stored.length), []).append(request)
+        for span, data in self._fetched(self._spans(wanted)):
+            with memoryview(data) as view:
+                for offset, length, requests in span.items:
+                    _deliver(bytes(view[offset - span.start : offset - span.start + length]), requests, planner)
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+    def _entry(self, file: str) -> dict | None:
+        """The manifest entry to check ``file`` against, or None when reads are unchecked."""
+        if self.checksums is None:
+            return None
+        entry = self.checksums.get(file)
+        if entry is None:
+            raise CorruptCheckpointError(f"{file}: not listed in the manifest")
+        return entry if has_blocks(entry) else None  # a format 1-2 SHA-256 is checked whole, before
+
+    def _spans(self, wanted: dict) -> list[_Span]:
+        """Requests in offset order per file; neighbours merged up to ``SPAN_BYTES``. A checked
+        read covers whole blocks, so neighbours in one block share a request."""
+        spans: list[_Span] = []
+        for file, offset, length in sorted(wanted):
+            entry = self._entry(file)
+            start, end = covering(entry, offset, offset + length) if entry else (offset, offset + length)
+            last = spans[-1] if spans else None
+            if last is None or last.file != file or start > last.end or \
+                    (max(end, last.end) - last.start > SPAN_BYTES and last.items):
+                last = _Span(file, start, end)
+                spans.append(last)
+            last.end = max(last.end, end)
+            last.items.append((offset, length, wanted[file, offset, length]))
+        return spans
+
+    def _fetched(self, spans: list[_Span]):
+        """``(span, bytes)`` in order, with up to ``read_threads`` requests in flight."""
+        with ThreadPoolExecutor(self.read_threads, thread_name_prefix="dtrain-read") as pool:
+            in_flight: deque = deque()
+            for span in spans:
+                in_flight.append((span, pool.submit(self._fetch_checked, span)))
+                if len(in_flight) > self.read_threads:
+                    done, future = in_flight.popleft()
+                    yield done, future.result()
+            while in_flight:
+                done, future = in_flight.popleft()
+                yield done, future.result()
+
+    def _fetch_checked(self, span: _Span) -> bytes:
+        data = self._fetch(self.fs.concat_path(self.path, span.file), span.start, span.end)
+        entry = self._entry(span.file)
+        if entry is not None:
+            self._check(entry, span.file, span.start, data, span.end)
+        elif len(data) != span.end - span.start:
+            raise CorruptCheckpointError(f"{span.file}: ends before byte {span.end} (truncated)")
+        return data
+
+    @staticmethod
+    def _check(entry: dict, name: str, start: int, data: bytes, end: int | None = None) -> None:
+        end = entry["size"] if end is None else end
+        if len(data) != end - start:
+            raise CorruptCheckpointError(f"{name}: {start + len(data)} bytes where the manifest says "
+                                         f"{end} (truncated or grown)")
+        check_range(entry, start, data, name)
+
+
+def _deliver(data: bytes, requests: list[ReadItem], planner) -> None:
+    """Hand one stored item to DCP's planner, as DCP's own ``read_data`` does."""
+    if requests[0].type == LoadItemType.BYTE_IO:
+        for request in requests:
+            planner.load_bytes(request, io.BytesIO(data))
+        return
+    stored = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    for request in requests:
+        part = narrow_tensor_by_index(stored, request.storage_offsets, request.lengths)
+        target = planner.resolve_tensor(request).detach()
+        if target.size() != part.size():
+            raise CorruptCheckpointError(f"{request.storage_index.fqn}: stored {tuple(part.size())}, "
+                                         f"expected {tuple(target.size())}")
+        target.copy_(part)
+        planner.commit_tensor(request, target)
+
+
+class CheckedFileSystemReader(_CheckedReads, FileSystemReader):
+    def __init__(self, path, checksums: dict | None = None):
+        super().__init__(path)
+        self.checksums = checksums
+
+    @staticmethod
+    def _fetch(path, start: int, end: int) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+
+
+class CheckedFsspecReader(_CheckedReads, FsspecReader):
+    read_threads = 4  # object stores answer parallel ranged GETs faster than one at a time
+
+    def __init__(self, path, checksums: dict | None = None, **options):
+        super().__init__(path, **options)
+        self.checksums = checksums
+
+    def _fetch(self, path, start: int, end: int) -> bytes:
+        return self.fs.fs.cat_file(os.fspath(path), start=start, end=end)
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, but small non-tensor values are read with ``weights_only=True``."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
