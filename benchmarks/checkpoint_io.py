@@ -1,14 +1,21 @@
-"""Checkpoint I/O for a state of over 500 MB (model + AdamW), measured side by side in one run.
+"""Checkpoint I/O for a state of over 500 MB (model + AdamW): seconds, bytes and requests,
+side by side in one run, on local disk and on a loopback S3 server.
 
-    python benchmarks/checkpoint_io.py [--layers 14] [--out /tmp/dtrain-ckpt-bench]
+    python benchmarks/checkpoint_io.py [--layers 14] [--out /tmp/dtrain-ckpt-bench] [--skip-s3]
 
-Reports: the disk's raw write bandwidth (the physical limit); sync DCP save and
-load on 2 ranks against torch.save/torch.load of the same full state on one;
-async save's blocking time against a sync save's, and how much slower training
-steps run while the background save is in flight; load on 1, 2 and 3 ranks of
-the checkpoint written by 2 (resharding against same-size). Everything is
-written with fsync. Loads read what was just written, so they come mostly from
-the page cache unless the script can drop it (it tries; root only).
+Local disk, 2 ranks: the disk's raw write bandwidth (the physical limit); dtrain's
+sync save (DCP + checksums + manifest) against torch.save of the same full state
+on one process; thread- and process-based async saves (DCP's
+``AsyncCheckpointerType``): how long each blocks, and how much slower training
+steps run while it writes; loads on 2, 1 and 3 ranks of the checkpoint written
+by 2. Bytes and calls are counted at the file layer from each rank's
+``/proc/self/io`` (``rchar``/``wchar``, ``syscr``/``syscw``: every read and write
+system call, including DCP's small planning messages over gloo), summed over
+ranks. On S3 (moto's server on loopback, ``tests/s3server.py``), one save and the
+same three loads, with every request counted by the server.
+
+Loads read what was just written, so they come mostly from the page cache
+unless the script can drop it (it tries; root only).
 """
 from __future__ import annotations
 
@@ -22,8 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
 ROUNDS = 3
+BUCKET = "dtrain-bench"
 
 
 def drop_page_cache() -> bool:
@@ -50,12 +59,19 @@ def disk_write_bandwidth(directory: Path, size: int = 512 << 20) -> float:
     return size / elapsed / 1e6
 
 
+def io_counters() -> dict[str, int]:
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return {name: int(fields[name]) for name in ("rchar", "wchar", "syscr", "syscw")}
+
+
 # ---- the part that runs under torchrun ---------------------------------------------------------
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+    from torch.distributed.checkpoint import FileSystemWriter
 
     from dtrain.config import ExperimentConfig
     from dtrain.dist import init_distributed, shutdown
@@ -67,48 +83,57 @@ def worker(args) -> None:
     config.model.layers = args.layers
     config.data.points, config.train.global_batch_size = 16, 12
     config.checkpoint.async_save = True
-    run = RunDirectory(f"{args.out}/run")
+    config.checkpoint.keep_last = 2
+    run = RunDirectory(args.url)
     trainer = Trainer(config, ctx, run)
-    results = {}
-
-    def timed(fn):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        dist.barrier()
-        return time.perf_counter() - start
+    results: dict[str, list] = {}
 
     def record(name, value):
         results.setdefault(name, []).append(value)
 
+    def measured(name, fn):
+        """Seconds of ``fn`` on every rank, and the file-layer I/O of all ranks together."""
+        dist.barrier()
+        before, start = io_counters(), time.perf_counter()
+        fn()
+        dist.barrier()
+        seconds = time.perf_counter() - start
+        after = io_counters()
+        delta = torch.tensor([after[k] - before[k] for k in ("rchar", "wchar", "syscr", "syscw")])
+        dist.all_reduce(delta)
+        record(name, seconds)
+        record(f"{name}:io", dict(zip(("read", "written", "reads", "writes"), delta.tolist())))
+        return seconds
+
     if args.worker == "load":
-        reference = f"{args.out}/run/checkpoints"
-        name = sorted(p.name for p in Path(reference).iterdir())[-1]
-        for _ in range(ROUNDS):
+        catalog = run.catalog()
+        manifest = catalog.scan().committed[-1]
+        url = f"{catalog.url}/{manifest.directory}"
+        results["checkpoint_bytes"] = [sum(f["size"] for f in manifest.files.values())]
+        for _ in range(args.rounds):
             drop_page_cache()
-            record(f"dcp_load_w{ctx.world_size}", timed(lambda: dcp.load(
-                trainer.state(), storage_reader=run.storage.reader(f"{reference}/{name}"))))
+            measured(f"load_w{ctx.world_size}", lambda: dcp.load(
+                trainer.state(), storage_reader=run.storage.reader(url, manifest.files)))
     else:
         trainer.train_step()  # creates AdamW's state
         tensors = list(trainer.model.parameters()) + [
             v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # this rank's shards
-        state_bytes = sum(t.numel() * t.element_size() for t in local)
-        total = torch.tensor([state_bytes])
+        total = torch.tensor([sum(t.numel() * t.element_size() for t in local)])
         dist.all_reduce(total)
         results["state_mb"] = [total.item() / 1e6]
-        for _ in range(ROUNDS):  # sync DCP saves, each committed (manifest, checksums) too
-            start = time.perf_counter()
-            trainer.save([], blocking=True)
-            record("dcp_sync_save_committed", time.perf_counter() - start)
-            record("dcp_sync_save_blocked", trainer.checkpoints.last_blocked_s)
+        for _ in range(args.rounds):  # dtrain's sync save: DCP, checksums as written, manifest
+            measured("sync_save_committed", lambda: trainer.save([], blocking=True))
             trainer.step += 1
+        results["checkpoint_bytes"] = [sum(f["size"] for f in run.catalog().scan().committed[-1].files.values())]
+        if args.url.startswith("s3://"):
+            return finish(ctx, results, shutdown)
         # torch.save / torch.load of the same full state on rank 0 (gathered first, not timed).
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer, options=options)
         if ctx.is_main:
             path = f"{args.out}/full.pt"
-            for _ in range(ROUNDS):
+            for _ in range(args.rounds):
                 start = time.perf_counter()
                 with open(path, "wb") as f:
                     torch.save({"model": model_sd, "optimizer": optim_sd}, f)
@@ -119,68 +144,155 @@ def worker(args) -> None:
                 start = time.perf_counter()
                 torch.load(path, weights_only=True)
                 record("torch_load", time.perf_counter() - start)
+            os.unlink(path)
         del model_sd, optim_sd
-        # Steps alone, then steps while an async save is written in the background.
-        for _ in range(5):
-            record("step_alone", timed(trainer.train_step))
-        for _ in range(ROUNDS):
-            trainer.save([], blocking=False)
-            record("dcp_async_save_blocked", trainer.checkpoints.last_blocked_s)
-            while trainer.checkpoints._pending is not None:
-                record("step_during_async_save", timed(trainer.train_step))
-                trainer.checkpoints.poll()
-            for _ in range(2):
-                record("step_alone", timed(trainer.train_step))
+        # Steps alone, then steps while an async save (thread or process) writes in the background.
+        group = dist.new_group(backend="gloo")
+        for _ in range(4):
+            record("step_alone", measured("step", trainer.train_step))
+        for kind in (AsyncCheckpointerType.THREAD, AsyncCheckpointerType.PROCESS):
+            for round_ in range(args.rounds + 1):  # round 0 warms up (the process kind starts its daemon)
+                writer = FileSystemWriter(f"{args.out}/async/{kind.value}_{round_}", overwrite=False)
+                dist.barrier()
+                start = time.perf_counter()
+                future = dcp.async_save(trainer.state(), storage_writer=writer, process_group=group,
+                                        async_checkpointer_type=kind)
+                blocked = time.perf_counter() - start
+                steps = []
+                while True:
+                    done = torch.tensor([int(future.done())])
+                    dist.all_reduce(done, op=dist.ReduceOp.MIN)
+                    if done.item():
+                        break
+                    steps.append(measured("step", trainer.train_step))
+                future.result()
+                written = time.perf_counter() - start
+                if round_:
+                    record(f"async_{kind.value}_blocked", blocked)
+                    record(f"async_{kind.value}_total", written)
+                    results.setdefault(f"step_during_{kind.value}", []).extend(steps)
+                for _ in range(2):
+                    record("step_alone", measured("step", trainer.train_step))
+    finish(ctx, results, shutdown)
+
+
+def finish(ctx, results, shutdown) -> None:
     if ctx.is_main:
-        with open(f"{args.out}/results.jsonl", "a") as f:
+        with open(os.environ["BENCH_RESULTS"], "a") as f:
             f.write(json.dumps(results) + "\n")
     shutdown(ctx)
 
 
-def launch(args, world: int, mode: str) -> None:
+def launch(args, world: int, mode: str, url: str, rounds: int, env: dict | None = None) -> None:
     command = [TORCHRUN, "--standalone", f"--nproc_per_node={world}", __file__, "--worker", mode,
-               "--out", args.out, "--layers", str(args.layers)]
-    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+               "--out", args.out, "--layers", str(args.layers), "--url", url, "--rounds", str(rounds)]
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def read_results(path: Path) -> dict:
+    merged: dict[str, list] = {}
+    for line in path.read_text().splitlines():
+        for key, values in json.loads(line).items():
+            merged.setdefault(key, []).extend(values)
+    return merged
+
+
+def local_run(args) -> None:
+    results = Path(args.out, "local.jsonl")
+    env = {"BENCH_RESULTS": str(results)}
+    bandwidth = [disk_write_bandwidth(Path(args.out)) for _ in range(ROUNDS)]
+    url = f"{args.out}/run"
+    launch(args, 2, "save", url, ROUNDS, env)
+    for world in (2, 1, 3):
+        launch(args, world, "load", url, ROUNDS, env)
+    raw = read_results(results)
+    med = {k: statistics.median(v) for k, v in raw.items() if not k.endswith(":io")}
+    size = raw["checkpoint_bytes"][0]
+    mb = med["state_mb"]
+    print(f"\nLocal disk. State: {mb:.0f} MB (model + AdamW); checkpoint files {size / 1e6:.0f} MB; "
+          f"2 ranks, gloo, {ROUNDS} rounds, medians; page cache dropped before loads: {drop_page_cache()}")
+    print("| measurement | seconds | MB/s | vs reference | bytes read | bytes written | read / write calls |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| raw disk write, 512 MB + fsync | {512 / statistics.median(bandwidth):.2f} "
+          f"| {statistics.median(bandwidth):.0f} | physical limit | | | |")
+    rows = [("torch.save full state (rank 0, fsync)", "torch_save", "torch_save"),
+            ("dtrain sync save + commit (DCP, checksums, manifest)", "sync_save_committed", "torch_save"),
+            ("async save, thread: blocked", "async_thread_blocked", "sync_save_committed"),
+            ("async save, thread: until written", "async_thread_total", "sync_save_committed"),
+            ("async save, process: blocked", "async_process_blocked", "sync_save_committed"),
+            ("async save, process: until written", "async_process_total", "sync_save_committed"),
+            ("torch.load full state (rank 0)", "torch_load", "torch_load"),
+            ("dtrain load, 2 ranks (same world size)", "load_w2", "torch_load"),
+            ("dtrain load, 1 rank (reshard 2 -> 1)", "load_w1", "load_w2"),
+            ("dtrain load, 3 ranks (reshard 2 -> 3)", "load_w3", "load_w2")]
+    for label, key, reference in rows:
+        io = raw.get(f"{key}:io")
+        counted = (f"{statistics.median(d['read'] for d in io) / size:.3f}x | "
+                   f"{statistics.median(d['written'] for d in io) / size:.3f}x | "
+                   f"{statistics.median(d['reads'] for d in io):.0f} / {statistics.median(d['writes'] for d in io):.0f}"
+                   if io else " | | ")
+        print(f"| {label} | {med[key]:.3f} | {mb / med[key]:.0f} | {med[key] / med[reference]:.2f}x {reference} "
+              f"| {counted} |")
+    for kind in ("thread", "process"):
+        steps = raw.get(f"step_during_{kind}", [])
+        if steps:
+            slow = statistics.median(steps) / med["step_alone"]
+            print(f"| training step during a {kind} async save ({len(steps)} steps) | {statistics.median(steps):.3f} "
+                  f"| | {slow:.2f}x step alone ({med['step_alone']:.3f} s) | | | |")
+
+
+def s3_run(args) -> None:
+    import s3fs
+    import s3server
+    server, endpoint = s3server.start_server()
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint,
+           "BENCH_RESULTS": str(Path(args.out, "s3.jsonl"))}
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS")})
+    s3fs.S3FileSystem(endpoint_url=endpoint).mkdir(BUCKET)
+    url = f"s3://{BUCKET}/run"
+    rows = []
+    for label, world, mode in (("save (1 save, committed)", 2, "save"), ("load, 2 ranks (same size)", 2, "load"),
+                               ("load, 1 rank (2 -> 1)", 1, "load"), ("load, 3 ranks (2 -> 3)", 3, "load")):
+        s3server.S3_REQUESTS.clear()
+        start = time.perf_counter()
+        launch(args, world, mode, url, 1, env)
+        seconds = time.perf_counter() - start
+        mine = [r for r in s3server.S3_REQUESTS if "/run/checkpoints/" in r.path]
+        shards = [r for r in mine if r.path.endswith(".distcp")]
+        rows.append((label, seconds, mine, shards))
+    server.stop()
+    size = read_results(Path(env["BENCH_RESULTS"]))["checkpoint_bytes"][0]
+    print(f"\nS3 (moto on loopback). Checkpoint files {size / 1e6:.0f} MB; requests under checkpoints/, "
+          "counted by the server; seconds include starting torchrun and the model")
+    print("| operation | seconds (whole launch) | requests (GET / PUT / other) | shard bytes GET | "
+          "shard bytes PUT | shard GETs |")
+    print("|---|---|---|---|---|---|")
+    for label, seconds, mine, shards in rows:
+        gets = sum(r.method == "GET" for r in mine)
+        puts = sum(r.method in ("PUT", "POST") for r in mine)
+        print(f"| {label} | {seconds:.1f} | {gets} / {puts} / {len(mine) - gets - puts} | "
+              f"{sum(r.received for r in shards if r.method == 'GET') / size:.3f}x | "
+              f"{sum(r.sent for r in shards if r.method in ('PUT', 'POST')) / size:.3f}x | "
+              f"{sum(r.method == 'GET' for r in shards)} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/dtrain-ckpt-bench")
     parser.add_argument("--layers", type=int, default=14, help="medium width 512; 14 layers ~ 530 MB of state")
+    parser.add_argument("--skip-s3", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
     shutil.rmtree(args.out, ignore_errors=True)
     Path(args.out).mkdir(parents=True)
-    bandwidth = [disk_write_bandwidth(Path(args.out)) for _ in range(ROUNDS)]
-    launch(args, 2, "save")
-    for world in (2, 1, 3):
-        launch(args, world, "load")
-    merged = {"disk_write_mb_s": bandwidth}
-    for line in Path(args.out, "results.jsonl").read_text().splitlines():
-        merged.update(json.loads(line))
-    med = {k: statistics.median(v) for k, v in merged.items()}
-    mb = med["state_mb"]
-    print(f"state: {mb:.0f} MB (model + AdamW), 2 ranks, gloo, {ROUNDS} rounds, medians; "
-          f"page cache dropped before loads: {drop_page_cache()}")
-    print("| measurement | seconds | MB/s | vs reference |")
-    print("|---|---|---|---|")
-    print(f"| raw disk write, 512 MB + fsync | {512e6 / 1e6 / med['disk_write_mb_s']:.2f} | {med['disk_write_mb_s']:.0f} | physical limit |")
-    rows = [("torch.save full state (rank 0, fsync)", "torch_save", "torch_save"),
-            ("DCP sync save, 2 ranks (blocked)", "dcp_sync_save_blocked", "torch_save"),
-            ("DCP sync save + commit (checksums, manifest)", "dcp_sync_save_committed", "torch_save"),
-            ("DCP async save, blocked", "dcp_async_save_blocked", "dcp_sync_save_blocked"),
-            ("torch.load full state (rank 0)", "torch_load", "torch_load"),
-            ("DCP load, 2 ranks (same world size)", "dcp_load_w2", "torch_load"),
-            ("DCP load, 1 rank (reshard 2 -> 1)", "dcp_load_w1", "dcp_load_w2"),
-            ("DCP load, 3 ranks (reshard 2 -> 3)", "dcp_load_w3", "dcp_load_w2")]
-    for label, key, reference in rows:
-        ratio = med[key] / med[reference]
-        print(f"| {label} | {med[key]:.3f} | {mb / med[key]:.0f} | {ratio:.2f}x {reference} |")
-    slow = med["step_during_async_save"] / med["step_alone"]
-    print(f"| training step alone | {med['step_alone']:.3f} | | |")
-    print(f"| training step during an async save | {med['step_during_async_save']:.3f} | | {slow:.2f}x step alone |")
+    local_run(args)
+    if not args.skip_s3:
+        s3_run(args)
 
 
 if __name__ == "__main__":

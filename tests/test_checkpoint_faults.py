@@ -59,9 +59,11 @@ def damage(path, how):
 
 
 @pytest.mark.parametrize("how, reason, nproc", [("truncate", "size", 2),
-                                                ("flip", "CRC32C of bytes 0-", 1)])
+                                                ("flip", "CRC32C of bytes", 2),
+                                                ("flip", "CRC32C of bytes", 1)])
 def test_a_damaged_shard_is_named_by_verify_and_resume_falls_back(finished_run, how, reason, nproc):
-    """A wrong size is found before loading; a flipped byte as the (resharded) load reads it."""
+    """A wrong size is found before loading; a flipped byte as the load (same size or resharded)
+    reads it."""
     run_dir = finished_run
     damage(run_dir / "checkpoints/step_00000006/__1_0.distcp", how)
     verdict = dtrain_cli("verify", str(run_dir), "6")
@@ -185,25 +187,6 @@ def test_epoch_and_time_intervals(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     saves = [e["step"] for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "checkpoint"]
     assert saves == [1, 2, 3, 4]
-
-
-def test_a_run_on_s3_resumes_on_another_world_size(s3_env):
-    import s3fs
-    url = "s3://dtrain-test/run-resume"
-    first = launch([*TINY, "--run-dir", url, "--train.max_steps=4"], nproc=2, env=s3_env)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = launch(["--run-dir", url, "--train.max_steps=6", "--train.global_batch_size=12"], nproc=3, env=s3_env)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming from step_00000004 (step 4, saved on 2 ranks) on 3 ranks" in second.stdout
-    fs = s3fs.S3FileSystem()
-    fs.invalidate_cache()
-    from dtrain.rundir import RunDirectory
-    events = RunDirectory(url).events()
-    assert [e["event"] for e in events if e["event"] in ("start", "resume", "end")] == ["start", "end", "resume", "end"]
-    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{url}/checkpoints")) == ["step_00000004", "step_00000006"]
-    verdict = subprocess.run([sys.executable, "-m", "dtrain.cli", "verify", url], capture_output=True, text=True,
-                             env={**__import__("os").environ, **s3_env})
-    assert verdict.returncode == 0 and verdict.stdout.count(": ok") == 2, verdict.stdout + verdict.stderr
 
 
 def test_resuming_an_older_step_never_writes_over_a_newer_checkpoint(finished_run):

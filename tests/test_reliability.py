@@ -282,6 +282,7 @@ def test_every_shape_of_damaged_manifest_is_named_by_verify_and_inspect(run_copy
     values = json.loads(manifest.read_text())
     if content == "wrong-size":
         values["files"][".metadata"]["size"] += 1
+        values["files"][".metadata"]["crc32c"][-1][0] += 1  # blocks that add up to the wrong size
         content, words = json.dumps(values), ".metadata: size"
     elif content == "unlisted-shard":
         del values["files"]["__0_0.distcp"]

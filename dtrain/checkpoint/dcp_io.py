@@ -20,6 +20,7 @@ the result. dtrain adds three things (docs/design.md, "Checkpoint I/O"):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import pickle
@@ -33,12 +34,13 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+from torch.distributed.checkpoint.planner import LoadItemType, ReadItem, WriteItem, WriteItemType
 from torch.futures import Future
 
-from .integrity import BlockChecksum, CorruptCheckpointError, check_range, covering, has_blocks
+from .integrity import BlockChecksum, Blocks, CorruptCheckpointError, has_blocks
 
 SPAN_BYTES = 64 << 20  # the most one read request fetches, unless one item is larger
+GAP_BYTES = 64 << 10  # read through a gap this small rather than make another request
 METADATA = ".metadata"
 
 
@@ -56,10 +58,16 @@ class _ChecksummingStream:
         self.checksum.update(view if written is None else view[:written])
         return len(view) if written is None else written
 
+    def tell(self) -> int:
+        # DCP asks for the position where each stored item starts and ends: a block boundary,
+        # so a load that reads some items checks exactly those bytes.
+        self.checksum.cut()
+        return self.raw.tell()
+
     def writable(self) -> bool:
         return True
 
-    def __getattr__(self, name):  # tell, flush, close, fileno: the raw stream's
+    def __getattr__(self, name):  # flush, close, fileno: the raw stream's
         return getattr(self.raw, name)
 
 
@@ -97,9 +105,20 @@ class _ChecksummedWrites:
         super().__init__(*args, **kwargs)
         self.fs = _ChecksummedFiles(self.fs)
 
+    def write_data(self, plan, planner):
+        # Items that every rank reads on any load (objects, unsharded tensors such as AdamW's
+        # step counts) go first, so a rank reads them from one region in one request rather
+        # than from one place per parameter across another rank's file.
+        items = sorted(plan.items, key=lambda item: not _every_rank_reads(item))
+        return super().write_data(dataclasses.replace(plan, items=items), planner)
+
     @property
     def written(self) -> dict[str, dict]:
         return dict(self.fs.entries)
+
+
+def _every_rank_reads(item: WriteItem) -> bool:
+    return item.type == WriteItemType.BYTE_IO or list(item.tensor_data.chunk.sizes) == list(item.tensor_data.size)
 
 
 class CheckedFileSystemWriter(_ChecksummedWrites, FileSystemWriter):
@@ -162,9 +181,13 @@ class _CheckedReads:
     """``read_metadata`` and ``read_data`` for DCP's readers, checked against ``checksums``
     (the manifest's file entries; None reads unchecked)."""
 
-    checksums: dict[str, dict] | None = None
     read_threads = 1
     _metadata = None
+
+    def __init__(self, path, checksums: dict | None = None, **options):
+        super().__init__(path, **options)
+        self.checksums = checksums
+        self._blocks_of: dict[str, Blocks | None] = {}
 
     def read_metadata(self, *args, **kwargs):
         """The restricted unpickler instead of ``pickle.load``, on checked bytes. The result
@@ -175,9 +198,10 @@ class _CheckedReads:
             path = self._get_metadata_path(kwargs.get("rank"))
             with self.fs.create_stream(path, "rb") as stream:
                 data = stream.read()
-            entry = self._entry(METADATA)
-            if entry is not None:
-                self._check(entry, METADATA, 0, data)
+            if blocks := self._blocks(METADATA):
+                blocks.check(0, data)
+                if len(data) != blocks.size:
+                    raise CorruptCheckpointError(f"{METADATA}: {len(data)} bytes, manifest says {blocks.size}")
             try:
                 metadata = load_metadata(io.BytesIO(data))
             except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
@@ -204,24 +228,26 @@ class _CheckedReads:
         done.set_result(None)
         return done
 
-    def _entry(self, file: str) -> dict | None:
-        """The manifest entry to check ``file`` against, or None when reads are unchecked."""
+    def _blocks(self, file: str) -> Blocks | None:
+        """The checksums to check ``file`` against, or None when reads are unchecked."""
         if self.checksums is None:
             return None
-        entry = self.checksums.get(file)
-        if entry is None:
-            raise CorruptCheckpointError(f"{file}: not listed in the manifest")
-        return entry if has_blocks(entry) else None  # a format 1-2 SHA-256 is checked whole, before
+        if file not in self._blocks_of:
+            entry = self.checksums.get(file)
+            if entry is None:
+                raise CorruptCheckpointError(f"{file}: not listed in the manifest")
+            self._blocks_of[file] = Blocks(file, entry) if has_blocks(entry) else None  # SHA-256: checked before
+        return self._blocks_of[file]
 
     def _spans(self, wanted: dict) -> list[_Span]:
-        """Requests in offset order per file; neighbours merged up to ``SPAN_BYTES``. A checked
-        read covers whole blocks, so neighbours in one block share a request."""
+        """Requests in offset order per file; neighbours (and small gaps) merged up to
+        ``SPAN_BYTES``. A checked read covers whole blocks."""
         spans: list[_Span] = []
         for file, offset, length in sorted(wanted):
-            entry = self._entry(file)
-            start, end = covering(entry, offset, offset + length) if entry else (offset, offset + length)
+            blocks = self._blocks(file)
+            start, end = blocks.covering(offset, offset + length) if blocks else (offset, offset + length)
             last = spans[-1] if spans else None
-            if last is None or last.file != file or start > last.end or \
+            if last is None or last.file != file or start > last.end + GAP_BYTES or \
                     (max(end, last.end) - last.start > SPAN_BYTES and last.items):
                 last = _Span(file, start, end)
                 spans.append(last)
@@ -244,20 +270,11 @@ class _CheckedReads:
 
     def _fetch_checked(self, span: _Span) -> bytes:
         data = self._fetch(self.fs.concat_path(self.path, span.file), span.start, span.end)
-        entry = self._entry(span.file)
-        if entry is not None:
-            self._check(entry, span.file, span.start, data, span.end)
-        elif len(data) != span.end - span.start:
+        if len(data) != span.end - span.start:
             raise CorruptCheckpointError(f"{span.file}: ends before byte {span.end} (truncated)")
+        if blocks := self._blocks(span.file):
+            blocks.check(span.start, data)
         return data
-
-    @staticmethod
-    def _check(entry: dict, name: str, start: int, data: bytes, end: int | None = None) -> None:
-        end = entry["size"] if end is None else end
-        if len(data) != end - start:
-            raise CorruptCheckpointError(f"{name}: {start + len(data)} bytes where the manifest says "
-                                         f"{end} (truncated or grown)")
-        check_range(entry, start, data, name)
 
 
 def _deliver(data: bytes, requests: list[ReadItem], planner) -> None:
@@ -278,10 +295,6 @@ def _deliver(data: bytes, requests: list[ReadItem], planner) -> None:
 
 
 class CheckedFileSystemReader(_CheckedReads, FileSystemReader):
-    def __init__(self, path, checksums: dict | None = None):
-        super().__init__(path)
-        self.checksums = checksums
-
     @staticmethod
     def _fetch(path, start: int, end: int) -> bytes:
         with open(path, "rb") as f:
@@ -291,10 +304,6 @@ class CheckedFileSystemReader(_CheckedReads, FileSystemReader):
 
 class CheckedFsspecReader(_CheckedReads, FsspecReader):
     read_threads = 4  # object stores answer parallel ranged GETs faster than one at a time
-
-    def __init__(self, path, checksums: dict | None = None, **options):
-        super().__init__(path, **options)
-        self.checksums = checksums
 
     def _fetch(self, path, start: int, end: int) -> bytes:
         return self.fs.fs.cat_file(os.fspath(path), start=start, end=end)

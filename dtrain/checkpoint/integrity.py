@@ -1,21 +1,26 @@
 """Block checksums of checkpoint files: computed as DCP writes, checked as DCP reads.
 
-Each file's manifest entry holds a CRC32C per 1 MiB block, so any byte range a
-load reads (a whole shard, or the items a resharded rank needs) is checkable
-without reading anything else, and a save never reads its files back. CRC32C was
-measured fastest here (benchmarks/checksums.py): detection of corruption is the
-purpose, not a signature. Format 1-2 manifests hold one SHA-256 per file; they
-are still checked, by reading the whole file.
+Each file's manifest entry holds a CRC32C per block. A block ends wherever DCP
+asks the stream for its position (at the start and end of every stored item),
+and at most every 4 MiB inside an item, so any set of items a load reads (a
+whole shard, or the items a resharded rank needs) is checkable without reading
+anything else, and a save never reads its files back. Where a block ends only
+decides what a check covers, never whether it is right. CRC32C was measured
+fastest here (benchmarks/checksums.py): detection of corruption is the purpose,
+not a signature. Format 1-2 manifests hold one SHA-256 per file; they are still
+checked, by reading the whole file.
 
-Entry: ``{"size": bytes, "block": block bytes, "crc32c": 8 hex digits per block}``.
+Entry: ``{"size": bytes, "crc32c": [[block length, 8 hex digits], ...]}``.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 
 import crc32c
 
-BLOCK_BYTES = 1 << 20
+MAX_BLOCK = 4 << 20
 _READ = 8 << 20
 
 
@@ -24,38 +29,44 @@ class CorruptCheckpointError(ValueError):
 
 
 class BlockChecksum:
-    """CRC32C of each ``block``-sized block of a byte stream fed in any pieces."""
+    """CRC32C of a byte stream fed in any pieces, one per block; ``cut`` ends a block."""
 
-    def __init__(self, block: int = BLOCK_BYTES):
-        self.block = block
+    def __init__(self, max_block: int = MAX_BLOCK):
+        self.max_block = max_block
         self.size = 0
-        self._crcs: list[int] = []
-        self._crc = 0
+        self._blocks: list[list] = []
+        self._crc = self._filled = 0
 
     def update(self, data) -> None:
         view = memoryview(data).cast("B")
         while view:
-            filled = self.size % self.block
-            take = min(self.block - filled, len(view))
+            take = min(self.max_block - self._filled, len(view))
             self._crc = crc32c.crc32c(view[:take], self._crc)
+            self._filled += take
             self.size += take
             view = view[take:]
-            if filled + take == self.block:
-                self._crcs.append(self._crc)
-                self._crc = 0
+            if self._filled == self.max_block:
+                self.cut()
+
+    def cut(self) -> None:
+        if self._filled:
+            self._blocks.append([self._filled, f"{self._crc:08x}"])
+            self._crc = self._filled = 0
 
     def entry(self) -> dict:
-        crcs = self._crcs + ([self._crc] if self.size % self.block else [])
-        return {"size": self.size, "block": self.block, "crc32c": "".join(f"{c:08x}" for c in crcs)}
+        self.cut()
+        return {"size": self.size, "crc32c": list(self._blocks)}
 
 
 def is_valid_entry(entry) -> bool:
     if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or entry["size"] < 0:
         return False
     if "crc32c" in entry:
-        block, hexes = entry.get("block"), entry["crc32c"]
-        return (isinstance(block, int) and block > 0 and isinstance(hexes, str)
-                and len(hexes) == 8 * -(-entry["size"] // block) and _is_hex(hexes))
+        blocks = entry["crc32c"]
+        return isinstance(blocks, list) and all(
+            isinstance(b, list) and len(b) == 2 and isinstance(b[0], int) and b[0] > 0
+            and isinstance(b[1], str) and len(b[1]) == 8 and _is_hex(b[1]) for b in blocks) \
+            and sum(b[0] for b in blocks) == entry["size"]
     return isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64 and _is_hex(entry["sha256"])
 
 
@@ -64,42 +75,60 @@ def _is_hex(text: str) -> bool:
 
 
 def has_blocks(entry: dict) -> bool:
-    """Whether a partial read of this file can be checked (format 3 entries)."""
+    """Whether reads of parts of this file can be checked (format 3 entries)."""
     return "crc32c" in entry
 
 
-def covering(entry: dict, start: int, end: int) -> tuple[int, int]:
-    """The whole blocks that hold ``[start, end)``: what a checked read must fetch."""
-    block = entry["block"]
-    return start - start % block, min(-(-end // block) * block, entry["size"])
+class Blocks:
+    """A file's block checksums, for checking the ranges a load reads."""
 
+    def __init__(self, name: str, entry: dict):
+        self.name, self.size = name, entry["size"]
+        self.starts = [0, *itertools.accumulate(length for length, _ in entry["crc32c"])]
+        self.crcs = [crc for _, crc in entry["crc32c"]]
 
-def check_range(entry: dict, start: int, data, name: str) -> None:
-    """Raise ``CorruptCheckpointError`` unless ``data``, read at block-aligned ``start``, matches."""
-    block, view = entry["block"], memoryview(data).cast("B")
-    for offset in range(0, len(view), block):
-        index = (start + offset) // block
-        expected = entry["crc32c"][8 * index : 8 * index + 8]
-        if f"{crc32c.crc32c(view[offset : offset + block]):08x}" != expected:
-            raise CorruptCheckpointError(
-                f"{name}: CRC32C of bytes {start + offset}-{start + min(offset + block, len(view))} differs "
-                "from the manifest (contents altered)")
+    def covering(self, start: int, end: int) -> tuple[int, int]:
+        """The whole blocks that hold ``[start, end)``: what a checked read must fetch."""
+        first = bisect.bisect_right(self.starts, start) - 1
+        last = bisect.bisect_left(self.starts, end)
+        return self.starts[max(first, 0)], self.starts[min(last, len(self.starts) - 1)]
+
+    def check(self, start: int, data) -> None:
+        """Raise ``CorruptCheckpointError`` unless ``data``, read from block boundary ``start``, matches."""
+        view = memoryview(data).cast("B")
+        if start + len(view) > self.size or (len(view) == 0 and start != self.size):
+            raise CorruptCheckpointError(f"{self.name}: read {len(view)} bytes at {start}, past its "
+                                         f"{self.size} bytes")
+        index = bisect.bisect_left(self.starts, start)
+        if self.starts[index] != start:
+            raise ValueError(f"{self.name}: {start} is not a block boundary")
+        position = start
+        while position < start + len(view):
+            end = self.starts[index + 1]
+            if end > start + len(view):
+                raise CorruptCheckpointError(f"{self.name}: ends at byte {start + len(view)}, inside a block "
+                                             f"the manifest says ends at {end} (truncated)")
+            if f"{crc32c.crc32c(view[position - start : end - start]):08x}" != self.crcs[index]:
+                raise CorruptCheckpointError(f"{self.name}: CRC32C of bytes {position}-{end} differs from "
+                                             "the manifest (contents altered)")
+            position, index = end, index + 1
 
 
 def check_file(fs, path: str, entry: dict, name: str) -> str | None:
     """Read a whole file and say what is wrong with it against its entry, or None."""
-    if has_blocks(entry):
-        position = 0
-        with fs.open(path, "rb") as f:
-            while data := f.read(_READ - _READ % entry["block"]):
-                try:
-                    check_range(entry, position, data, name)
-                except CorruptCheckpointError as error:
-                    return str(error)
-                position += len(data)
-        return None if position == entry["size"] else f"{name}: {position} bytes, manifest says {entry['size']}"
-    digest = hashlib.sha256()
     with fs.open(path, "rb") as f:
+        if has_blocks(entry):
+            position = 0
+            for length, crc in entry["crc32c"]:
+                data = f.read(length)
+                if len(data) < length:
+                    return f"{name}: ends at byte {position + len(data)}, manifest says {entry['size']} (truncated)"
+                if f"{crc32c.crc32c(data):08x}" != crc:
+                    return f"{name}: CRC32C of bytes {position}-{position + length} differs from the manifest " \
+                           "(contents altered)"
+                position += length
+            return f"{name}: longer than the manifest's {entry['size']} bytes" if f.read(1) else None
+        digest = hashlib.sha256()
         while data := f.read(_READ):
             digest.update(data)
     return None if digest.hexdigest() == entry["sha256"] else \
