@@ -150,6 +150,23 @@ def worker(args) -> None:
         group = dist.new_group(backend="gloo")
         for _ in range(4):
             record("step_alone", measured("step", trainer.train_step))
+        for round_ in range(args.rounds + 1):  # dtrain's own: the copy overlaps fwd/bwd, then written
+            dist.barrier()
+            start = time.perf_counter()
+            trainer.save([], blocking=False)
+            blocked = time.perf_counter() - start
+            steps = []
+            while trainer.checkpoints.saving:
+                steps.append(measured("step", trainer.train_step))  # the first waits for the copy
+                trainer.checkpoints.poll()
+            trainer.step += 1
+            if round_:
+                record("async_dtrain_blocked", blocked)
+                record("async_dtrain_first_step", steps[0] if steps else 0.0)
+                record("async_dtrain_total", time.perf_counter() - start)
+                results.setdefault("step_during_dtrain", []).extend(steps)
+            for _ in range(2):
+                record("step_alone", measured("step", trainer.train_step))
         for kind in (AsyncCheckpointerType.THREAD, AsyncCheckpointerType.PROCESS):
             for round_ in range(args.rounds + 1):  # round 0 warms up (the process kind starts its daemon)
                 writer = FileSystemWriter(f"{args.out}/async/{kind.value}_{round_}", overwrite=False)
@@ -217,10 +234,15 @@ def local_run(args) -> None:
           f"| {statistics.median(bandwidth):.0f} | physical limit | | | |")
     rows = [("torch.save full state (rank 0, fsync)", "torch_save", "torch_save"),
             ("dtrain sync save + commit (DCP, checksums, manifest)", "sync_save_committed", "torch_save"),
-            ("async save, thread: blocked", "async_thread_blocked", "sync_save_committed"),
-            ("async save, thread: until written", "async_thread_total", "sync_save_committed"),
-            ("async save, process: blocked", "async_process_blocked", "sync_save_committed"),
-            ("async save, process: until written", "async_process_total", "sync_save_committed"),
+            ("dtrain async save: blocked (copy starts, runs beside fwd/bwd)", "async_dtrain_blocked",
+             "sync_save_committed"),
+            ("dtrain async save: first step after it (waits for the copy)", "async_dtrain_first_step",
+             "step_alone"),
+            ("dtrain async save: until committed", "async_dtrain_total", "sync_save_committed"),
+            ("DCP async save, thread: blocked", "async_thread_blocked", "sync_save_committed"),
+            ("DCP async save, thread: until written", "async_thread_total", "sync_save_committed"),
+            ("DCP async save, process: blocked", "async_process_blocked", "sync_save_committed"),
+            ("DCP async save, process: until written", "async_process_total", "sync_save_committed"),
             ("torch.load full state (rank 0)", "torch_load", "torch_load"),
             ("dtrain load, 2 ranks (same world size)", "load_w2", "torch_load"),
             ("dtrain load, 1 rank (reshard 2 -> 1)", "load_w1", "load_w2"),
@@ -233,7 +255,7 @@ def local_run(args) -> None:
                    if io else " | | ")
         print(f"| {label} | {med[key]:.3f} | {mb / med[key]:.0f} | {med[key] / med[reference]:.2f}x {reference} "
               f"| {counted} |")
-    for kind in ("thread", "process"):
+    for kind in ("dtrain", "thread", "process"):
         steps = raw.get(f"step_during_{kind}", [])
         if steps:
             slow = statistics.median(steps) / med["step_alone"]

@@ -168,6 +168,7 @@ class Trainer:
         self._check_finite(loss_sum, norm)  # before the update: a non-finite step is never applied
         if train.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(params, train.grad_clip, norm)
+        self.checkpoints.wait_for_staging()  # a background save copies the state during fwd/bwd
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

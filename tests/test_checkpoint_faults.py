@@ -153,23 +153,28 @@ def test_retention_counts_commits_in_commit_order_and_keeps_what_may_be_a_lost_c
 
 
 def test_async_saves_hold_the_state_of_their_step(tmp_path):
-    """Training goes on while an async save is written: it must still capture its own step."""
+    """Training goes on while an async save copies and writes the state: it must still capture
+    its own step's weights and optimizer state, even when the copy is slower than a step."""
     from dtrain.export import load_from_run
     import torch
 
     runs = {}
     for mode in ("false", "true"):
         run_dir = tmp_path / f"async_{mode}"
-        result = launch([*TINY, "--run-dir", str(run_dir), "--train.max_steps=6", "--checkpoint.keep_last=0",
-                         f"--checkpoint.async_save={mode}"], nproc=2)
+        args = [*TINY, "--run-dir", str(run_dir), "--train.max_steps=6", "--checkpoint.keep_last=0",
+                f"--checkpoint.async_save={mode}"]
+        result = torchrun_script("slow_staging.py", args, nproc=2, env={"DTRAIN_TEST_STAGING_DELAY": "1.0"})
         assert result.returncode == 0, result.stderr[-3000:]
         runs[mode] = run_dir
     saves = [e for e in read_jsonl(runs["true"] / "events.jsonl") if e["event"] == "checkpoint"]
     assert [(e["step"], e["mode"]) for e in saves] == [(2, "async"), (4, "async"), (6, "sync")]
+    assert all(e["blocked_s"] < 1.0 for e in saves[:2]), saves  # the delayed copy ran in the background
     for step in ("2", "4", "6"):
-        sync_model = load_from_run(str(runs["false"]), step)[0].state_dict()
-        async_model = load_from_run(str(runs["true"]), step)[0].state_dict()
-        assert all(torch.equal(sync_model[k], async_model[k]) for k in sync_model)
+        sync_model, sync_optim = load_from_run(str(runs["false"]), step, optimizer=True)[:2]
+        async_model, async_optim = load_from_run(str(runs["true"]), step, optimizer=True)[:2]
+        assert all(torch.equal(v, async_model.state_dict()[k]) for k, v in sync_model.state_dict().items())
+        for key, state in sync_optim["state"].items():
+            assert all(torch.equal(v, async_optim["state"][key][name]) for name, v in state.items())
 
 
 def test_epoch_and_time_intervals(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from ..config import CheckpointConfig
 from ..dist import DistContext, on_every_rank, on_main
@@ -67,6 +70,14 @@ class CheckpointManager:
         # Background saves get their own gloo group: sharing the training group with
         # FSDP's collectives hung or aborted with "collective mismatch" (docs/design.md).
         self._save_group = dist.new_group(backend="gloo") if self.config.async_save else None
+        # One stager for the run: it copies the state to CPU in its own thread while the next
+        # step's forward and backward run, and keeps its buffers (pinned on CUDA) for the next
+        # save. Only the optimizer's update must wait for the copy (``wait_for_staging``).
+        cuda = ctx.device.type == "cuda"
+        self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                    use_async_staging=True, use_non_blocking_copy=cuda)) \
+            if self.config.async_save else None
+        self._staging: Future | None = None
 
     # ---- saving ----------------------------------------------------------------------------
     def start_clock(self) -> None:
@@ -101,10 +112,14 @@ class CheckpointManager:
         background = self.config.async_save and not blocking
         writer = self.storage.writer(url)
         with guard("writing checkpoint", url):  # DCP gathers every rank's failure: all raise
+            # The plan is the same from save to save: DCP skips re-planning across ranks.
+            planner = DefaultSavePlanner(enable_plan_caching=True)
             if background:
-                future = dcp.async_save(state, storage_writer=writer, process_group=self._save_group)
+                response = dcp.async_save(state, storage_writer=writer, planner=planner,
+                                          process_group=self._save_group, async_stager=self._stager)
+                self._staging, future = response.staging_completion, response.upload_completion
             else:
-                dcp.save(state, storage_writer=writer)
+                dcp.save(state, storage_writer=writer, planner=planner)
                 future = Future()
                 future.set_result(None)
         blocked = self.last_blocked_s = time.perf_counter() - started
@@ -114,6 +129,18 @@ class CheckpointManager:
                                     "async" if background else "sync", written)
         if not background:
             self.wait()
+
+    @property
+    def saving(self) -> bool:
+        """Whether a save is started and not yet committed."""
+        return self._pending is not None
+
+    def wait_for_staging(self) -> None:
+        """Block until a background save has copied the state (call before changing it in place).
+        A failed copy is not raised here: the save's own future carries it to the commit."""
+        if self._staging is not None:
+            wait_for([self._staging])
+            self._staging = None
 
     @staticmethod
     def _written(future: Future, writer, url: str) -> dict:
@@ -271,3 +298,5 @@ class CheckpointManager:
     def close(self) -> None:
         self.wait()
         self._background.shutdown()
+        if self._stager is not None:
+            self._stager.close()
