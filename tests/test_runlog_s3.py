@@ -11,7 +11,7 @@ from s3server import S3_REQUESTS
 
 RUN = "s3://dtrain-test/runlog"
 ARGS = ["--preset", "tiny", "--train.max_steps=1000", "--data.train_samples=1600", "--train.log_interval=1",
-        "--train.eval_interval=250", "--checkpoint.interval_steps=200", "--data.record_indices=true", "--run-dir", RUN]
+        "--train.eval_interval=500", "--checkpoint.interval_steps=200", "--data.record_indices=true", "--run-dir", RUN]
 
 
 def cli(*args, env):

@@ -19,7 +19,7 @@ from slurm_cluster import Cluster, missing
 
 pytestmark = pytest.mark.skipif(bool(missing()), reason=missing() or "SLURM available")
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 800  # tiny preset: over 2x what leg 1 trains here before the notice; 16 epochs of 800 samples
+STEPS = 1600  # tiny preset: over 2x what leg 1 trains here before the notice (760 seen); 32 epochs of 800 samples
 
 
 def cpus(count):
