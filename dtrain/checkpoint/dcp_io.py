@@ -5,7 +5,7 @@ DCP's ``FileSystemWriter``/``Reader`` (local) and ``FsspecWriter``/``Reader``
 the result. dtrain adds three things (docs/design.md, "Checkpoint I/O"):
 
 - **Checksums in the write.** Every file DCP writes goes through a CRC32C per
-  1 MiB block (integrity.py); the writer hands them to the manifest, so a save
+  block, a block per stored item and at most 4 MiB (integrity.py); the writer hands them to the manifest, so a save
   reads nothing back.
 - **Few, large, checked reads.** DCP 2.13's ``read_data`` reads item by item (one
   request per tensor on object storage, plus read-ahead). Here a rank sorts the
