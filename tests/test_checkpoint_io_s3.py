@@ -1,5 +1,6 @@
 """Checkpoint bytes on object storage, counted by the S3 server: a save reads nothing back, a
-same-size load reads each shard byte once, a resharded load reads little more, all checked."""
+same-size load reads each shard byte at most once, a resharded load just the rows it needs, all
+checked."""
 import subprocess
 import sys
 
@@ -40,21 +41,24 @@ def test_saves_read_nothing_back_and_loads_read_each_byte_once(s3_env):
     assert same.returncode == 0, same.stderr[-3000:]
     gets = shard_gets(4)
     shards = {n: s for n, s in sizes.items() if n.endswith(".distcp")}
-    # Each rank reads its own file whole in one request, and the other's objects and unsharded
-    # tensors (written first in each file, so one request); nothing else.
-    assert {name: max(b) for name, b in gets.items()} == shards, gets
+    # Each rank reads its own file in one request (all but the last item's archive trailer),
+    # and the other's objects and unsharded tensors (written first in each file, so one
+    # request); nothing else.
+    assert all(0.99 * shards[name] <= max(b) <= shards[name] for name, b in gets.items()), gets
     assert all(len(b) <= 2 for b in gets.values()), gets
     total = sum(shards.values())
-    assert sum(map(sum, gets.values())) <= 1.02 * total, gets
+    assert total * 0.99 <= sum(map(sum, gets.values())) <= 1.02 * total, gets
 
     S3_REQUESTS.clear()
     resharded = launch([*ARGS, "--train.max_steps=8", "--train.global_batch_size=12"], nproc=3, env=s3_env)
     assert resharded.returncode == 0, resharded.stderr[-3000:]
     assert "resuming from step_00000006 (step 6, saved on 2 ranks) on 3 ranks" in resharded.stdout
     read = sum(map(sum, shard_gets(6).values()))
-    # Each stored item is read whole by every rank that needs a part of it: 2->3 reads the
-    # middle rank's items twice (benchmarks/README.md, "Resharded loads").
-    assert total <= read <= 2.1 * total, read / total
+    # Each rank reads just the rows it needs, in whole checksum blocks. Whole items would be
+    # 2.0x; these tensors are small (32-128 KB a shard), so most rows a rank does not need lie
+    # in gaps under 64 KiB, read through rather than requested (1.46x). At 530 MB it is 1.0x
+    # (benchmarks/README.md, "Checkpoint I/O").
+    assert 0.99 * total <= read <= 1.6 * total, read / total
 
     events = RunDirectory(URL).events()
     assert [e["event"] for e in events if e["event"] in ("start", "resume", "end")] == \

@@ -5,14 +5,17 @@ DCP's ``FileSystemWriter``/``Reader`` (local) and ``FsspecWriter``/``Reader``
 the result. dtrain adds three things (docs/design.md, "Checkpoint I/O"):
 
 - **Checksums in the write.** Every file DCP writes goes through a CRC32C per
-  block, a block per stored item and at most 4 MiB (integrity.py); the writer hands them to the manifest, so a save
-  reads nothing back.
+  block (integrity.py); the writer hands them to the manifest, so a save reads
+  nothing back. It also notes where each tensor's raw bytes sit inside its
+  ``torch.save`` archive (``"tensors"`` in the manifest entry).
 - **Few, large, checked reads.** DCP 2.13's ``read_data`` reads item by item (one
   request per tensor on object storage, plus read-ahead). Here a rank sorts the
   items it needs per file, merges neighbours into spans of up to 64 MiB, fetches
   each span in one request (a few in parallel on object storage), checks every
   block against the manifest, then hands the items to DCP's planner exactly as
-  DCP does. Bad bytes raise ``CorruptCheckpointError``: the load falls back.
+  DCP does. Where the manifest gives a tensor's offset, a rank reads just the
+  rows it needs (a resharded load). Bad bytes raise ``CorruptCheckpointError``:
+  the load falls back.
 - **Loading runs no code.** ``.metadata`` is unpickled by an unpickler that admits
   only DCP's metadata types, and small non-tensor values are read with
   ``torch.load(weights_only=True)`` (docs/design.md, "Trust boundary").
@@ -22,8 +25,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import math
 import os
 import pickle
+import sys
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,7 +43,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem, WriteItem, WriteItemType
 from torch.futures import Future
 
-from .integrity import BlockChecksum, Blocks, CorruptCheckpointError, has_blocks
+from .integrity import BlockChecksum, Blocks, CorruptCheckpointError, has_blocks, tensor_block
 
 SPAN_BYTES = 64 << 20  # the most one read request fetches, unless one item is larger
 GAP_BYTES = 64 << 10  # read through a gap this small rather than make another request
@@ -45,23 +51,59 @@ METADATA = ".metadata"
 
 
 # ---- writing: checksums as the bytes go out ------------------------------------------------
+_ZIP_RECORD = b"PK\x03\x04"  # a zip local header; torch.save writes each one in a single 30-byte write
+
+
 class _ChecksummingStream:
-    """A write stream that feeds every byte written to a ``BlockChecksum``."""
+    """A write stream that feeds every byte written to a ``BlockChecksum``, and notes where
+    each tensor storage that ``torch.save`` writes lands (``tensor_data``)."""
 
     def __init__(self, raw):
         self.raw = raw
         self.checksum = BlockChecksum()
+        self.position = raw.tell()
+        # item offset -> [(zip record name, offset, length)] of the storages written in that item
+        self.tensor_data: dict[int, list[tuple[str, int, int]]] = {}
+        self._item = self.position
+        self._header: tuple[int, int] | None = None  # name and extra-field lengths of a record begun
+        self._storage: tuple[str, int] | None = None  # name and data offset of a storage record begun
 
     def write(self, data) -> int:
-        written = self.raw.write(data)
         view = memoryview(data).cast("B")
-        self.checksum.update(view if written is None else view[:written])
-        return len(view) if written is None else written
+        at = self.position
+        written = self.raw.write(data)
+        view = view if written is None else view[:written]
+        if self._storage is not None and self._storage[1] == at:
+            # A storage's bytes (torch.save writes them in one call): blocks of their own,
+            # small enough that a read of some rows checks little else.
+            self.checksum.cut()
+            self.checksum.update(view, tensor_block(len(view)))
+            self.checksum.cut()
+            self.tensor_data.setdefault(self._item, []).append((self._storage[0], at, len(view)))
+            self._storage = None
+        else:
+            self.checksum.update(view)
+            self._follow_zip(view, at)
+        self.position = at + len(view)
+        return len(view)
+
+    def _follow_zip(self, view: memoryview, at: int) -> None:
+        """torch.save writes a record as a header, its name, its extra field, its data: a
+        record named ``.../data/N`` holds a storage, and its data starts right after."""
+        if self._header is not None:
+            name_length, extra_length = self._header
+            self._header = None
+            name = bytes(view) if len(view) == name_length else b""
+            if b"/data/" in name:
+                self._storage = (name.decode("utf-8", "replace"), at + name_length + extra_length)
+        elif len(view) == 30 and view[:4] == _ZIP_RECORD:
+            self._header = (int.from_bytes(view[26:28], "little"), int.from_bytes(view[28:30], "little"))
 
     def tell(self) -> int:
         # DCP asks for the position where each stored item starts and ends: a block boundary,
         # so a load that reads some items checks exactly those bytes.
         self.checksum.cut()
+        self._item, self._header, self._storage = self.position, None, None
         return self.raw.tell()
 
     def writable(self) -> bool:
@@ -77,6 +119,7 @@ class _ChecksummedFiles:
     def __init__(self, inner):
         self.inner = inner
         self.entries: dict[str, dict] = {}
+        self.tensor_data: dict[str, dict[int, list]] = {}  # file -> its streams' ``tensor_data``
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -89,13 +132,30 @@ class _ChecksummedFiles:
                 return
             checksummed = _ChecksummingStream(stream)
             yield checksummed
-            self.entries[os.path.basename(os.fspath(path))] = checksummed.checksum.entry()
+            name = os.path.basename(os.fspath(path))
+            self.entries[name] = checksummed.checksum.entry()
+            self.tensor_data[name] = checksummed.tensor_data
 
     def rename(self, path, new_path) -> None:  # DCP writes .metadata under a temporary name
         self.inner.rename(path, new_path)
         entry = self.entries.pop(os.path.basename(os.fspath(path)), None)
         if entry is not None:
             self.entries[os.path.basename(os.fspath(new_path))] = entry
+
+
+class _RowMajorPlanner:
+    """A save planner whose tensors are contiguous, so each stored storage is the tensor's
+    rows in order (DCP keeps a dense tensor's strides; FSDP2's shards are contiguous already)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def resolve_data(self, item: WriteItem):
+        data = self.inner.resolve_data(item)
+        return data.contiguous() if isinstance(data, torch.Tensor) else data
 
 
 class _ChecksummedWrites:
@@ -110,7 +170,27 @@ class _ChecksummedWrites:
         # step counts) go first, so a rank reads them from one region in one request rather
         # than from one place per parameter across another rank's file.
         items = sorted(plan.items, key=lambda item: not _every_rank_reads(item))
-        return super().write_data(dataclasses.replace(plan, items=items), planner)
+        future = super().write_data(dataclasses.replace(plan, items=items), _RowMajorPlanner(planner))
+        self._record_tensor_offsets(items, future.wait())  # DCP's file writers finish before returning
+        return future
+
+    def _record_tensor_offsets(self, items: list[WriteItem], results) -> None:
+        """Each stored tensor whose archive holds its rows as one storage of exactly its
+        bytes gets ``[item offset, offset of those bytes]`` in its file's entry."""
+        by_index = {item.index: item for item in items}
+        found: dict[str, list[list[int]]] = {}
+        for result in results:
+            item, stored = by_index.get(result.index), result.storage_data
+            if item is None or item.type == WriteItemType.BYTE_IO or stored.transform_descriptors:
+                continue
+            storages = self.fs.tensor_data.get(stored.relative_path, {}).get(stored.offset, [])
+            chunk = item.tensor_data
+            size = math.prod(chunk.chunk.sizes) * chunk.properties.dtype.itemsize
+            if len(storages) == 1 and storages[0][0].endswith("/data/0") and storages[0][2] == size > 0 \
+                    and storages[0][1] + size <= stored.offset + stored.length and sys.byteorder == "little":
+                found.setdefault(stored.relative_path, []).append([stored.offset, storages[0][1]])
+        for name, offsets in found.items():
+            self.fs.entries[name]["tensors"] = sorted(offsets)
 
     @property
     def written(self) -> dict[str, dict]:
@@ -188,6 +268,7 @@ class _CheckedReads:
         super().__init__(path, **options)
         self.checksums = checksums
         self._blocks_of: dict[str, Blocks | None] = {}
+        self._starts_of: dict[str, dict[int, int]] = {}
 
     def read_metadata(self, *args, **kwargs):
         """The restricted unpickler instead of ``pickle.load``, on checked bytes. The result
@@ -215,18 +296,50 @@ class _CheckedReads:
         self._metadata.storage_meta.load_id = self.load_id
         return self._metadata
 
+    def set_up_storage_reader(self, metadata, *args, **kwargs) -> None:
+        super().set_up_storage_reader(metadata, *args, **kwargs)
+        self._stored_tensors = metadata.state_dict_metadata  # chunk shapes and dtypes, for row reads
+
     def read_data(self, plan, planner) -> Future:
-        wanted: dict[tuple[str, int, int], list[ReadItem]] = {}
+        wanted: dict[tuple[str, int, int], list[tuple[ReadItem, _Rows | None]]] = {}
         for request in plan.items:
             stored = self.storage_data[request.storage_index]
-            wanted.setdefault((stored.relative_path, stored.offset, stored.length), []).append(request)
+            rows = self._rows(request, stored)
+            where = (rows.start, rows.length) if rows else (stored.offset, stored.length)
+            wanted.setdefault((stored.relative_path, *where), []).append((request, rows))
         for span, data in self._fetched(self._spans(wanted)):
             with memoryview(data) as view:
                 for offset, length, requests in span.items:
-                    _deliver(bytes(view[offset - span.start : offset - span.start + length]), requests, planner)
+                    _deliver(view[offset - span.start : offset - span.start + length], requests, planner)
         done: Future = Future()
         done.set_result(None)
         return done
+
+    def _rows(self, request: ReadItem, stored) -> _Rows | None:
+        """The bytes of just the rows ``request`` needs, where the manifest says where the stored
+        tensor's bytes start (``"tensors"``); None reads the whole item with ``torch.load``."""
+        starts = self._tensor_starts(stored.relative_path)
+        data_start = starts.get(stored.offset)
+        if data_start is None or request.type == LoadItemType.BYTE_IO or sys.byteorder != "little":
+            return None
+        tensor = self._stored_tensors[request.storage_index.fqn]
+        sizes = _chunk(tensor, request.storage_index).sizes
+        row = math.prod(sizes[1:]) * tensor.properties.dtype.itemsize
+        first, count = (request.storage_offsets[0], request.lengths[0]) if sizes else (0, 1)
+        if data_start + (sizes[0] if sizes else 1) * row > stored.offset + stored.length:
+            raise CorruptCheckpointError(f"{stored.relative_path}: the manifest puts {request.storage_index.fqn}'s "
+                                         "bytes past the end of its item")
+        if count * row == 0:
+            return None
+        shape = (count, *sizes[1:]) if sizes else ()
+        return _Rows(data_start + first * row, count * row, tensor.properties.dtype, shape)
+
+    def _tensor_starts(self, file: str) -> dict[int, int]:
+        """Item offset -> where its tensor's raw bytes start, as the manifest lists them."""
+        if file not in self._starts_of:
+            entry = (self.checksums or {}).get(file) or {}
+            self._starts_of[file] = dict(map(tuple, entry.get("tensors", [])))
+        return self._starts_of[file]
 
     def _blocks(self, file: str) -> Blocks | None:
         """The checksums to check ``file`` against, or None when reads are unchecked."""
@@ -277,15 +390,45 @@ class _CheckedReads:
         return data
 
 
-def _deliver(data: bytes, requests: list[ReadItem], planner) -> None:
-    """Hand one stored item to DCP's planner, as DCP's own ``read_data`` does."""
-    if requests[0].type == LoadItemType.BYTE_IO:
-        for request in requests:
+@dataclass(frozen=True)
+class _Rows:
+    """``length`` raw bytes at ``start``: rows of a stored tensor, of ``shape`` together."""
+
+    start: int
+    length: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def tensor(self, data) -> torch.Tensor:
+        with warnings.catch_warnings():  # the buffer is read-only: the tensor is only copied from
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(data, dtype=self.dtype).view(self.shape)
+
+
+def _chunk(tensor, index):
+    """The stored chunk ``index`` names (its ``index`` field is a hint DCP sets)."""
+    hint = index.index
+    if hint is not None and hint < len(tensor.chunks) and tensor.chunks[hint].offsets == index.offset:
+        return tensor.chunks[hint]
+    return next(chunk for chunk in tensor.chunks if chunk.offsets == index.offset)
+
+
+def _deliver(data: memoryview, requests: list[tuple[ReadItem, _Rows | None]], planner) -> None:
+    """Hand one stored item, or the rows read of it, to DCP's planner, as DCP's own
+    ``read_data`` does."""
+    if requests[0][0].type == LoadItemType.BYTE_IO:
+        for request, _ in requests:
             planner.load_bytes(request, io.BytesIO(data))
         return
-    stored = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    for request in requests:
-        part = narrow_tensor_by_index(stored, request.storage_offsets, request.lengths)
+    rows = requests[0][1]
+    stored = rows.tensor(data) if rows else torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    for request, _ in requests:
+        if rows:  # just the rows were read: narrow the other dimensions
+            offsets = [0, *request.storage_offsets[1:]][: stored.dim()]
+            lengths = [*stored.shape[:1], *request.lengths[1:]]
+        else:
+            offsets, lengths = request.storage_offsets, request.lengths
+        part = narrow_tensor_by_index(stored, offsets, lengths)
         target = planner.resolve_tensor(request).detach()
         if target.size() != part.size():
             raise CorruptCheckpointError(f"{request.storage_index.fqn}: stored {tuple(part.size())}, "

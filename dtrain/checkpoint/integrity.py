@@ -2,15 +2,20 @@
 
 Each file's manifest entry holds a CRC32C per block. A block ends wherever DCP
 asks the stream for its position (at the start and end of every stored item),
-and at most every 4 MiB inside an item, so any set of items a load reads (a
-whole shard, or the items a resharded rank needs) is checkable without reading
+around each tensor's bytes, and at most every 4 MiB, so any set of items or
+rows a load reads (a whole shard, or what a resharded rank needs) is checkable without reading
 anything else, and a save never reads its files back. Where a block ends only
 decides what a check covers, never whether it is right. CRC32C was measured
 fastest here (benchmarks/checksums.py): detection of corruption is the purpose,
 not a signature. Format 1-2 manifests hold one SHA-256 per file; they are still
 checked, by reading the whole file.
 
-Entry: ``{"size": bytes, "crc32c": [[block length, 8 hex digits], ...]}``.
+Entry: ``{"size": bytes, "crc32c": [[block length, 8 hex digits], ...]}``, and
+optionally ``"tensors": [[item offset, offset of its raw bytes], ...]`` (dcp_io.py):
+where each stored tensor's row-major bytes start inside its ``torch.save`` archive,
+so a resharded load can read just the rows it needs. The tensor bytes are cut into
+blocks of about 1/16 of a tensor (16 KiB to 4 MiB), so such a read checks little
+more than it uses.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ import itertools
 import crc32c
 
 MAX_BLOCK = 4 << 20
+MIN_TENSOR_BLOCK = 16 << 10
+TENSOR_BLOCKS = 16  # blocks per tensor (within the limits): a row range reads < 2/16 more
 _READ = 8 << 20
 
 
@@ -37,15 +44,18 @@ class BlockChecksum:
         self._blocks: list[list] = []
         self._crc = self._filled = 0
 
-    def update(self, data) -> None:
+    def update(self, data, max_block: int | None = None) -> None:
         view = memoryview(data).cast("B")
+        max_block = max_block or self.max_block
+        if self._filled >= max_block:
+            self.cut()
         while view:
-            take = min(self.max_block - self._filled, len(view))
+            take = min(max_block - self._filled, len(view))
             self._crc = crc32c.crc32c(view[:take], self._crc)
             self._filled += take
             self.size += take
             view = view[take:]
-            if self._filled == self.max_block:
+            if self._filled >= max_block:
                 self.cut()
 
     def cut(self) -> None:
@@ -58,8 +68,15 @@ class BlockChecksum:
         return {"size": self.size, "crc32c": list(self._blocks)}
 
 
+def tensor_block(size: int) -> int:
+    """Block length for ``size`` bytes of one tensor's data."""
+    return min(max(-(-size // TENSOR_BLOCKS), MIN_TENSOR_BLOCK), MAX_BLOCK)
+
+
 def is_valid_entry(entry) -> bool:
     if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or entry["size"] < 0:
+        return False
+    if "tensors" in entry and not _are_offsets(entry["tensors"], entry["size"]):
         return False
     if "crc32c" in entry:
         blocks = entry["crc32c"]
@@ -68,6 +85,12 @@ def is_valid_entry(entry) -> bool:
             and isinstance(b[1], str) and len(b[1]) == 8 and _is_hex(b[1]) for b in blocks) \
             and sum(b[0] for b in blocks) == entry["size"]
     return isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64 and _is_hex(entry["sha256"])
+
+
+def _are_offsets(pairs, size: int) -> bool:
+    return isinstance(pairs, list) and all(
+        isinstance(p, list) and len(p) == 2 and all(type(v) is int for v in p) and 0 <= p[0] < p[1] <= size
+        for p in pairs)
 
 
 def _is_hex(text: str) -> bool:

@@ -55,7 +55,7 @@ class Manifest:
     global_batch_size: int
     micro_batch_size: int
     config_fingerprint: str
-    files: dict[str, dict]  # name -> {"size", "block", "crc32c"} (format 3) or {"size", "sha256"}
+    files: dict[str, dict]  # name -> {"size", "crc32c", optional "tensors"} (format 3) or {"size", "sha256"}
     metrics: dict = field(default_factory=dict)
     save: dict = field(default_factory=dict)  # mode, blocked_s, total_s
     config: dict = field(default_factory=dict)  # the run's configuration at this step

@@ -1,0 +1,93 @@
+"""dtrain's DCP reader reads just the rows a request needs, where the manifest says where a
+stored tensor's bytes are, and gives exactly what DCP's own ``torch.load`` path gives."""
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+from dtrain.checkpoint.dcp_io import CheckedFileSystemReader, CheckedFileSystemWriter
+from dtrain.checkpoint.integrity import CorruptCheckpointError, is_valid_entry, tensor_block
+
+STATE = {
+    "weight": torch.randn(300, 70),
+    "bf16": torch.randn(40, 3, 5).to(torch.bfloat16),
+    "steps": torch.arange(1000, dtype=torch.int64),
+    "transposed": torch.randn(64, 48).t(),  # not contiguous: stored as rows all the same
+    "scalar": torch.tensor(2.5),
+    "empty": torch.zeros(0, 4),
+}
+
+
+class _Collect:
+    """The two calls of DCP's load planner that ``read_data`` makes."""
+
+    def __init__(self):
+        self.loaded = {}
+
+    def resolve_tensor(self, request):
+        return torch.empty(request.lengths, dtype=STATE[request.dest_index.fqn].dtype)
+
+    def commit_tensor(self, request, tensor):
+        self.loaded[request.dest_index.fqn, tuple(request.storage_offsets)] = tensor.clone()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dcp")
+    writer = CheckedFileSystemWriter(path)
+    dcp.save(STATE, storage_writer=writer, no_dist=True)
+    return path, writer.written
+
+
+def read(path, checksums, requests):
+    reader = CheckedFileSystemReader(path, checksums=checksums)
+    metadata = reader.read_metadata()
+    reader.set_up_storage_reader(metadata, True)
+    planner = _Collect()
+    items = [ReadItem(type=LoadItemType.TENSOR, dest_index=MetadataIndex(fqn), dest_offsets=torch.Size([0] * len(o)),
+                      storage_index=MetadataIndex(fqn, torch.Size([0] * len(o))), storage_offsets=torch.Size(o),
+                      lengths=torch.Size(n)) for fqn, o, n in requests]
+    reader.read_data(LoadPlan(items), planner).wait()
+    return planner.loaded
+
+
+PARTS = [("weight", (0, 0), (300, 70)), ("weight", (101, 0), (57, 70)), ("weight", (299, 10), (1, 20)),
+         ("bf16", (7, 1, 2), (30, 2, 3)), ("steps", (999,), (1,)), ("transposed", (5, 3), (40, 60)),
+         ("scalar", (), ()), ("empty", (0, 0), (0, 4))]
+
+
+def test_row_reads_give_what_the_stored_tensors_hold(saved):
+    path, written = saved
+    entry = written["__0_0.distcp"]
+    assert is_valid_entry(entry) and len(entry["tensors"]) == 5  # every tensor with bytes
+    for checksums in (written, {name: {k: v for k, v in e.items() if k != "tensors"} for name, e in written.items()}):
+        loaded = read(path, checksums, PARTS)
+        for fqn, offsets, lengths in PARTS:
+            want = STATE[fqn]
+            for dim, (start, length) in enumerate(zip(offsets, lengths)):
+                want = want.narrow(dim, start, length)
+            assert torch.equal(loaded[fqn, offsets], want), fqn
+
+
+def test_a_row_read_fetches_and_checks_only_blocks_near_its_rows(saved, monkeypatch):
+    path, written = saved
+    fetched = []
+    original = CheckedFileSystemReader._fetch
+    monkeypatch.setattr(CheckedFileSystemReader, "_fetch",
+                        staticmethod(lambda p, start, end: fetched.append(end - start) or original(p, start, end)))
+    loaded = read(path, written, [("weight", (101, 0), (57, 70))])
+    row_bytes = 70 * 4
+    assert torch.equal(loaded["weight", (101, 0)], STATE["weight"][101:158])
+    assert 57 * row_bytes <= sum(fetched) <= 57 * row_bytes + 2 * tensor_block(300 * row_bytes)  # whole blocks
+
+    stored = CheckedFileSystemReader(path).read_metadata().storage_data[MetadataIndex("weight", torch.Size([0, 0]))]
+    damaged = path.parent / "damaged"
+    damaged.mkdir(exist_ok=True)
+    for file in path.iterdir():
+        data = bytearray(file.read_bytes())
+        if file.name == stored.relative_path:
+            data[dict(map(tuple, written[file.name]["tensors"]))[stored.offset] + 120 * row_bytes] ^= 1
+        (damaged / file.name).write_bytes(data)
+    with pytest.raises(CorruptCheckpointError, match="CRC32C"):
+        read(damaged, written, [("weight", (101, 0), (57, 70))])
