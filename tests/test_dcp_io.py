@@ -14,6 +14,7 @@ STATE = {
     "bf16": torch.randn(40, 3, 5).to(torch.bfloat16),
     "steps": torch.arange(1000, dtype=torch.int64),
     "transposed": torch.randn(64, 48).t(),  # not contiguous: stored as rows all the same
+    "conj": torch.randn(20, 6, dtype=torch.complex128).conj(),  # a flag beside the bytes, in torch.save
     "scalar": torch.tensor(2.5),
     "empty": torch.zeros(0, 4),
 }
@@ -54,13 +55,13 @@ def read(path, checksums, requests):
 
 PARTS = [("weight", (0, 0), (300, 70)), ("weight", (101, 0), (57, 70)), ("weight", (299, 10), (1, 20)),
          ("bf16", (7, 1, 2), (30, 2, 3)), ("steps", (999,), (1,)), ("transposed", (5, 3), (40, 60)),
-         ("scalar", (), ()), ("empty", (0, 0), (0, 4))]
+         ("conj", (3, 1), (9, 4)), ("scalar", (), ()), ("empty", (0, 0), (0, 4))]
 
 
 def test_row_reads_give_what_the_stored_tensors_hold(saved):
     path, written = saved
     entry = written["__0_0.distcp"]
-    assert is_valid_entry(entry) and len(entry["tensors"]) == 5  # every tensor with bytes
+    assert is_valid_entry(entry) and len(entry["tensors"]) == 6  # every tensor with bytes
     for checksums in (written, {name: {k: v for k, v in e.items() if k != "tensors"} for name, e in written.items()}):
         loaded = read(path, checksums, PARTS)
         for fqn, offsets, lengths in PARTS:
@@ -91,3 +92,12 @@ def test_a_row_read_fetches_and_checks_only_blocks_near_its_rows(saved, monkeypa
         (damaged / file.name).write_bytes(data)
     with pytest.raises(CorruptCheckpointError, match="CRC32C"):
         read(damaged, written, [("weight", (101, 0), (57, 70))])
+
+
+def test_a_manifest_offset_that_does_not_fit_the_archive_is_refused(saved):
+    path, written = saved
+    for shift in (1, 64, -64):
+        damaged = {name: dict(entry) for name, entry in written.items()}
+        damaged["__0_0.distcp"]["tensors"] = [[item, data + shift] for item, data in written["__0_0.distcp"]["tensors"]]
+        with pytest.raises(CorruptCheckpointError, match="does not fit its item"):
+            read(path, damaged, [("weight", (101, 0), (57, 70))])

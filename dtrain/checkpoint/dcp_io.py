@@ -52,6 +52,7 @@ METADATA = ".metadata"
 
 # ---- writing: checksums as the bytes go out ------------------------------------------------
 _ZIP_RECORD = b"PK\x03\x04"  # a zip local header; torch.save writes each one in a single 30-byte write
+_ALIGNMENT = 64  # torch.save's default storage alignment, from the start of the archive
 
 
 class _ChecksummingStream:
@@ -155,7 +156,10 @@ class _RowMajorPlanner:
 
     def resolve_data(self, item: WriteItem):
         data = self.inner.resolve_data(item)
-        return data.contiguous() if isinstance(data, torch.Tensor) else data
+        if not isinstance(data, torch.Tensor):
+            return data
+        # torch.save keeps a conjugate or negative view's flag beside the bytes: resolve it
+        return data.resolve_conj().resolve_neg().contiguous()
 
 
 class _ChecksummedWrites:
@@ -187,7 +191,8 @@ class _ChecksummedWrites:
             chunk = item.tensor_data
             size = math.prod(chunk.chunk.sizes) * chunk.properties.dtype.itemsize
             if len(storages) == 1 and storages[0][0].endswith("/data/0") and storages[0][2] == size > 0 \
-                    and storages[0][1] + size <= stored.offset + stored.length and sys.byteorder == "little":
+                    and storages[0][1] + size <= stored.offset + stored.length and sys.byteorder == "little" \
+                    and (storages[0][1] - stored.offset) % _ALIGNMENT == 0:
                 found.setdefault(stored.relative_path, []).append([stored.offset, storages[0][1]])
         for name, offsets in found.items():
             self.fs.entries[name]["tensors"] = sorted(offsets)
@@ -326,9 +331,14 @@ class _CheckedReads:
         sizes = _chunk(tensor, request.storage_index).sizes
         row = math.prod(sizes[1:]) * tensor.properties.dtype.itemsize
         first, count = (request.storage_offsets[0], request.lengths[0]) if sizes else (0, 1)
-        if data_start + (sizes[0] if sizes else 1) * row > stored.offset + stored.length:
-            raise CorruptCheckpointError(f"{stored.relative_path}: the manifest puts {request.storage_index.fqn}'s "
-                                         "bytes past the end of its item")
+        end = data_start + (sizes[0] if sizes else 1) * row
+        blocks = self._blocks(stored.relative_path)
+        # The writer cut blocks around exactly these bytes, at an aligned offset of the archive:
+        # an offset that does not fit is a damaged manifest, not a place to read values from.
+        if end > stored.offset + stored.length or (data_start - stored.offset) % _ALIGNMENT or \
+                not blocks or not blocks.is_boundary(data_start) or not blocks.is_boundary(end):
+            raise CorruptCheckpointError(f"{stored.relative_path}: the manifest's offset of "
+                                         f"{request.storage_index.fqn}'s bytes does not fit its item")
         if count * row == 0:
             return None
         shape = (count, *sizes[1:]) if sizes else ()
@@ -402,7 +412,10 @@ class _Rows:
     def tensor(self, data) -> torch.Tensor:
         with warnings.catch_warnings():  # the buffer is read-only: the tensor is only copied from
             warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(data, dtype=self.dtype).view(self.shape)
+            raw = torch.frombuffer(data, dtype=torch.uint8)
+        if raw.data_ptr() % _ALIGNMENT:  # kernels may assume aligned elements (complex128: 16 bytes)
+            raw = raw.clone()
+        return raw.view(self.dtype).view(self.shape)
 
 
 def _chunk(tensor, index):

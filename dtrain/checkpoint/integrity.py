@@ -116,6 +116,10 @@ class Blocks:
         last = bisect.bisect_left(self.starts, end)
         return self.starts[max(first, 0)], self.starts[min(last, len(self.starts) - 1)]
 
+    def is_boundary(self, offset: int) -> bool:
+        index = bisect.bisect_left(self.starts, offset)
+        return index < len(self.starts) and self.starts[index] == offset
+
     def check(self, start: int, data) -> None:
         """Raise ``CorruptCheckpointError`` unless ``data``, read from block boundary ``start``, matches."""
         view = memoryview(data).cast("B")
