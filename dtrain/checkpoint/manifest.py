@@ -68,7 +68,8 @@ class Manifest:
 
     def to_json(self) -> str:
         values = {k: v for k, v in self.__dict__.items() if k != "directory"}
-        return json.dumps(values, indent=2, sort_keys=True, allow_nan=False)
+        # One line: a file has ~16 checksum blocks per tensor, and indenting would triple the size
+        return json.dumps(values, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
     @property
     def order(self) -> tuple[int, int, int]:
