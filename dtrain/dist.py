@@ -52,6 +52,8 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 600) ->
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "TORCHELASTIC_RESTART_COUNT" in os.environ:
             # Under torchrun, each restart of the group gets its own keys on the agent's store:
             # seen here, a restarted rank read a gloo address left by a killed one and hung.
+            # One agent only: a newly started agent counts restarts from 0, so jobs across nodes
+            # run with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and take the next branch (docs/elastic.md).
             store = dist.PrefixStore(
                 f"dtrain/restart_{os.environ['TORCHELASTIC_RESTART_COUNT']}/",
                 dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),

@@ -6,6 +6,13 @@
 # Start the same command on every node, with the same RDZV_ENDPOINT and JOB_ID.
 #   RDZV_ENDPOINT=node0:29400 launch/elastic.sh --preset medium
 #
+# Two settings make nodes leaving and coming back work (docs/elastic.md, measured):
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, without which torch 2.13 hangs the round
+# in which a node joins a running job, and a 1 s rendezvous heartbeat, so a lost
+# node is dropped after 3 s (torch's default: 15 s). The node that hosts
+# RDZV_ENDPOINT's store cannot be lost without ending the job: use a stable host,
+# or a store of its own (docs/elastic.md, "Where the store lives").
+#
 # Exits with dtrain's code (0 done, 75 stopped with a checkpoint: start again,
 # 2/65/74 see the README's exit codes). torchrun exits 1 for any failed worker,
 # so the code is read from the run's events (`dtrain status`), which every node
@@ -17,9 +24,11 @@ NPROC=${NPROC:-$(python3 -c 'import torch; print(max(torch.cuda.device_count(), 
 RESTARTS=${RESTARTS:-3}
 RDZV_ENDPOINT=${RDZV_ENDPOINT:-127.0.0.1:29400}
 JOB_ID=${JOB_ID:-dtrain}
+RDZV_CONF=${RDZV_CONF:-join_timeout=600,last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=3}
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 started=$(date +%s)
-torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --max-restarts="$RESTARTS" \
-    --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$JOB_ID" \
+torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --max-restarts="$RESTARTS" --monitor-interval=1 \
+    --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$JOB_ID" --rdzv-conf="$RDZV_CONF" \
     -m dtrain.train --run-dir "$RUN_DIR" "$@" &
 pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null' TERM INT

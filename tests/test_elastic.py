@@ -1,0 +1,92 @@
+"""Elastic jobs across nodes: two real torchrun agents on loopback (launch/elastic.sh) play two
+nodes; one is lost and comes back (docs/elastic.md)."""
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import TORCHRUN, read_jsonl
+from dtrain.report import check_run
+from test_preemption import JOB, ROOT, free_port, train_steps, wait_for
+
+
+def node(run_dir, port: int, max_steps: int, log) -> subprocess.Popen:
+    """One node: launch/elastic.sh, one worker. Output goes to a file: a pipe nobody reads while
+    the job runs would fill and block it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NNODES": "1:2", "NPROC": "1", "RESTARTS": "5",
+           "RDZV_ENDPOINT": f"127.0.0.1:{port}", "JOB_ID": "elastic-test", "RUN_DIR": str(run_dir),
+           "RDZV_CONF": "join_timeout=60,last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3",
+           "PATH": f"{Path(TORCHRUN).parent}:{os.environ['PATH']}"}
+    return subprocess.Popen(["bash", str(ROOT / "launch/elastic.sh"), *JOB, f"--train.max_steps={max_steps}"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def kill_node(script: subprocess.Popen) -> None:
+    """SIGKILL of a whole node: the script, its agent and the workers (torchrun starts each worker
+    in a session of its own, so the node's process group does not hold them)."""
+    tree, frontier = [], [script.pid]
+    while frontier:
+        tree += frontier
+        frontier = [child for pid in frontier for child in workers_of(pid)]
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    script.wait()
+
+
+def workers_of(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(child) for child in out.split()]
+
+
+def rendezvous_store(port: int) -> subprocess.Popen:
+    """The rendezvous store in a process of its own (docs/elastic.md, "Where the store lives"): an
+    agent that hosts it takes the whole job down when its node is lost."""
+    script = ("import sys, time; from torch.distributed import TCPStore; "
+              "store = TCPStore('127.0.0.1', int(sys.argv[1]), is_master=True, wait_for_workers=False); "
+              "print('ready', flush=True); time.sleep(3600)")
+    store = subprocess.Popen([sys.executable, "-c", script, str(port)], stdout=subprocess.PIPE, text=True)
+    assert store.stdout.readline().strip() == "ready"
+    return store
+
+
+def resumes(run_dir) -> list[dict]:
+    return [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "resume"]
+
+
+def finish(nodes: dict) -> None:
+    for log, script in nodes.items():
+        try:
+            script.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the job did not finish:\n" + log.read_text()[-6000:]) from None
+        assert script.returncode == 0, log.read_text()[-4000:]
+
+
+def test_a_node_lost_then_back_shrinks_and_grows_the_job_without_losing_a_sample(tmp_path):
+    run_dir, port = tmp_path / "run", free_port()
+    store = rendezvous_store(port)
+    logs = [tmp_path / f"node_{name}.log" for name in ("a", "b", "b_again")]
+    nodes = {logs[0]: node(run_dir, port, 300, logs[0]), logs[1]: node(run_dir, port, 300, logs[1])}
+    try:
+        wait_for(lambda: len(train_steps(run_dir)) >= 25)
+        kill_node(nodes.pop(logs[1]))
+        wait_for(lambda: any(e["world_size"] == 1 for e in resumes(run_dir)))  # the survivor goes on alone
+        steps_alone = len(train_steps(run_dir))
+        wait_for(lambda: len(train_steps(run_dir)) >= steps_alone + 10)
+        nodes[logs[2]] = node(run_dir, port, 300, logs[2])
+        finish(nodes)
+    finally:
+        for script in nodes.values():
+            if script.poll() is None:
+                kill_node(script)
+        store.kill()
+
+    report = check_run(str(run_dir))
+    assert [leg["world_size"] for leg in report["legs"]] == [2, 1, 2], report["legs"]
+    assert report["legs"][0]["ended"] == "killed"
+    assert report["legs"][1]["ended"].startswith("stopped") and report["legs"][1]["lost_steps"] == 0, report
+    # 300 steps of 24 samples: 30 epochs of 240, every sample of each exactly once
+    assert report["finished"] and report["ok"] and len(report["coverage"]) == 30, report
