@@ -11,7 +11,8 @@ container runtime) reaches a worker twice: once directly, once forwarded by
 torchrun's agent. Repeats within ``REPEAT_WINDOW_S`` of the first are that same
 request. A signal after that window (a person insisting), or the grace
 deadline, ends the process at once: a checkpoint that cannot finish must not
-hold the machine past its notice.
+hold the machine past its notice. A worker whose torchrun agent died stops the
+same way, with a checkpoint (reason ``AGENT_LOST``).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .config import stop_signals
 
 
 REPEAT_WINDOW_S = 2.0
+AGENT_LOST = "AGENT_LOST"  # the stop reason of a worker whose torchrun agent exited
 
 
 class StopRequest:
@@ -36,6 +38,9 @@ class StopRequest:
         self.received_at = 0.0
         self.grace_seconds = grace_seconds
         self._previous = {}
+        # Under torchrun the parent is the agent: a worker whose agent is gone is an orphan that
+        # no agent will stop or restart, and that a new agent on its node cannot join.
+        self._agent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         if threading.current_thread() is not threading.main_thread():
             return  # Python delivers signals to the main thread only; nothing to install here
         for number in stop_signals(signal_names):
@@ -62,6 +67,8 @@ class StopRequest:
     def agree(self, failed: bool = False) -> str | None:
         """"failure" if any rank failed, "signal" if any was asked to stop, else None
         (collective: call on every rank, at the same point)."""
+        if self.received is None and self._agent is not None and os.getppid() != self._agent:
+            self.received, self.received_at = AGENT_LOST, time.monotonic()  # stop as on a signal
         flag = torch.tensor([2 if failed else 1 if self.received else 0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return {0: None, 1: "signal", 2: "failure"}[int(flag.item())]

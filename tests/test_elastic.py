@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import TORCHRUN, read_jsonl
 from dtrain.report import check_run
-from test_preemption import JOB, ROOT, free_port, train_steps, wait_for
+from test_preemption import JOB, ROOT, free_port, start, train_steps, wait_for
 
 
 def node(run_dir, port: int, max_steps: int, log) -> subprocess.Popen:
@@ -90,3 +90,18 @@ def test_a_node_lost_then_back_shrinks_and_grows_the_job_without_losing_a_sample
     assert report["legs"][1]["ended"].startswith("stopped") and report["legs"][1]["lost_steps"] == 0, report
     # 300 steps of 24 samples: 30 epochs of 240, every sample of each exactly once
     assert report["finished"] and report["ok"] and len(report["coverage"]) == 30, report
+
+
+def test_workers_whose_agent_died_stop_with_a_checkpoint_instead_of_training_on(tmp_path):
+    run_dir = tmp_path / "run"
+    agent = start([*JOB, "--run-dir", str(run_dir), "--train.num_epochs=1000"],
+                  ["--standalone", "--nproc_per_node=2"])
+    wait_for(lambda: len(train_steps(run_dir)) >= 8)
+    orphans = workers_of(agent.pid)
+    os.kill(agent.pid, signal.SIGKILL)  # the agent alone: its workers live in sessions of their own
+    agent.wait()
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and
+                             "zombie" not in open(f"/proc/{pid}/status").read() for pid in orphans), 60)
+    stop = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "stop"][-1]
+    assert stop["reason"] == "AGENT_LOST" and stop["step"] == train_steps(run_dir)[-1]
+    assert (run_dir / f"checkpoints/step_{stop['step']:08d}/manifest.json").exists()
