@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import TORCHRUN, read_jsonl
 from dtrain.report import check_run
-from test_preemption import JOB, ROOT, free_port, start, train_steps, wait_for
+from test_preemption import JOB, ROOT, children, free_port, start, train_steps, wait_for
 
 
 def node(run_dir, port: int, max_steps: int, log) -> subprocess.Popen:
@@ -29,16 +29,11 @@ def kill_node(script: subprocess.Popen) -> None:
     tree, frontier = [], [script.pid]
     while frontier:
         tree += frontier
-        frontier = [child for pid in frontier for child in workers_of(pid)]
+        frontier = [child for pid in frontier for child in children(pid)]
     for pid in tree:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     script.wait()
-
-
-def workers_of(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(child) for child in out.split()]
 
 
 def rendezvous_store(port: int) -> subprocess.Popen:
@@ -97,7 +92,7 @@ def test_workers_whose_agent_died_stop_with_a_checkpoint_instead_of_training_on(
     agent = start([*JOB, "--run-dir", str(run_dir), "--train.num_epochs=1000"],
                   ["--standalone", "--nproc_per_node=2"])
     wait_for(lambda: len(train_steps(run_dir)) >= 8)
-    orphans = workers_of(agent.pid)
+    orphans = children(agent.pid)
     os.kill(agent.pid, signal.SIGKILL)  # the agent alone: its workers live in sessions of their own
     agent.wait()
     wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and

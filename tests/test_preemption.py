@@ -23,8 +23,12 @@ def start(args, torchrun_args):
 
 
 def workers(agent):
-    out = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout
-    return sorted(int(pid) for pid in out.split())
+    return children(agent.pid)
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return sorted(int(child) for child in out.split())
 
 
 def wait_for(condition, timeout=120):

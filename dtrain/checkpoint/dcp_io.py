@@ -188,12 +188,13 @@ class _ChecksummedWrites:
             if item is None or item.type == WriteItemType.BYTE_IO or stored.transform_descriptors:
                 continue
             storages = self.fs.tensor_data.get(stored.relative_path, {}).get(stored.offset, [])
-            chunk = item.tensor_data
-            size = math.prod(chunk.chunk.sizes) * chunk.properties.dtype.itemsize
-            if len(storages) == 1 and storages[0][0].endswith("/data/0") and storages[0][2] == size > 0 \
-                    and storages[0][1] + size <= stored.offset + stored.length and sys.byteorder == "little" \
-                    and (storages[0][1] - stored.offset) % _ALIGNMENT == 0:
-                found.setdefault(stored.relative_path, []).append([stored.offset, storages[0][1]])
+            if len(storages) != 1:
+                continue
+            name, start, length = storages[0]
+            size = math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
+            if name.endswith("/data/0") and length == size > 0 and start + size <= stored.offset + stored.length \
+                    and (start - stored.offset) % _ALIGNMENT == 0 and sys.byteorder == "little":
+                found.setdefault(stored.relative_path, []).append([stored.offset, start])
         for name, offsets in found.items():
             self.fs.entries[name]["tensors"] = sorted(offsets)
 
