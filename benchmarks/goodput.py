@@ -7,10 +7,15 @@ the next step boundary and exit 75; with `--checkpoint.save_on_signal=false`
 they die at once and fall back to the last interval checkpoint. Each is
 restarted at once, until the time budget is spent (the last leg is preempted too).
 
-Reports the useful-step fraction of wall-clock (surviving steps x steady step
-time / wall), steps lost per preemption, and time from restart to first step.
+Reports the useful-step fraction of wall-clock (surviving steps x mean steady step
+time / wall), steps lost per preemption, and where the seconds of a preemption
+go, phase by phase (median over the preemptions), from the marks each leg's
+events record (dtrain/startup.py): signal -> agreed stop -> save committed ->
+stopped -> exited -> agent started the worker -> imports -> process group ->
+plan -> model built -> checkpoint verified and loaded -> first step; and the
+seconds a leg spends beside its steps (interval saves, logging).
 
-    python benchmarks/goodput.py [--budget 150] [--every 25] [--interval 50]
+    python benchmarks/goodput.py [--budget 150] [--every 25] [--interval 50] [--modes both]
 """
 from __future__ import annotations
 
@@ -26,9 +31,14 @@ import time
 from pathlib import Path
 
 from dtrain.report import check_run
-from dtrain.rundir import METRICS, RunDirectory
+from dtrain.rundir import EVENTS, METRICS, RunDirectory
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+GLOBAL_BATCH = 64  # the small preset's
+STOPPING = ["signal -> agreed stop", "agreed -> save committed", "committed -> stopped", "stopped -> exited"]
+STARTING = ["launch -> worker started", "worker started -> imported", "imported -> process group",
+            "process group -> planned", "planned -> model built", "built -> checkpoint loaded",
+            "loaded -> first step done"]
 
 
 def run_mode(save_on_signal: bool, args) -> dict:
@@ -36,37 +46,63 @@ def run_mode(save_on_signal: bool, args) -> dict:
     command = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "dtrain.train", "--run-dir", run_dir,
                "--preset", "small", "--data.points=32", "--train.num_epochs=100", "--train.log_interval=1",
                "--train.eval_interval=0", f"--checkpoint.interval_steps={args.interval}",
-               f"--checkpoint.save_on_signal={str(save_on_signal).lower()}"]
-    launches, spent = [], 0.0
+               f"--checkpoint.save_on_signal={str(save_on_signal).lower()}", *args.extra]
+    legs, spent = [], 0.0  # per launch: launched, signalled, exited (wall-clock)
     while spent < args.budget:
         started = time.time()
         agent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+        signalled = None
         try:
             agent.wait(timeout=min(args.every, args.budget - spent))
         except subprocess.TimeoutExpired:
+            signalled = time.time()
             agent.send_signal(signal.SIGTERM)
             agent.wait()
-        launches.append(started)
+        legs.append({"launched": started, "signalled": signalled, "exited": time.time()})
         spent += time.time() - started
     run = RunDirectory(run_dir)
     report = check_run(run)
     committed = run.catalog().scan().committed
     survived = committed[-1].step if committed else 0
     train = [r for r in run.read_jsonl(METRICS) if r["kind"] == "train"]
-    step_time = statistics.median(64 / r["samples_per_s"] for r in train)
-    legs = report["legs"]
-    lost = [leg["lost_steps"] for leg in legs[:-1]] + [max(legs[-1]["last_step"] - survived, 0)]
-    firsts = []
-    for leg in legs:
-        launched = max(t for t in launches if t <= leg["started"])
-        times = [r["time"] for r in train if r["leg"] == leg["leg"]]
-        if times:
-            firsts.append(min(times) - launched)
+    events = run.read_jsonl(EVENTS)
+    # A step's own time (its forward, backward and update), averaged over the steady steps: each
+    # leg's first steps pay one-off costs, counted as start-up below.
+    first_steps = {}
+    for r in train:
+        first_steps.setdefault(r["leg"], []).append(r["step"])
+    steady = [r for r in train if r["step"] > min(first_steps[r["leg"]]) + 2]
+    step_time = statistics.mean(GLOBAL_BATCH / r["samples_per_s"] for r in steady)
+    lost = [leg["lost_steps"] for leg in report["legs"][:-1]]
+    lost.append(max(report["legs"][-1]["last_step"] - survived, 0))
+    phases = {name: [] for name in STOPPING + STARTING + ["beside the steps, per minute"]}
+    begins = [e for e in events if e["event"] in ("start", "resume")]
+    for launch, begin in zip(legs, begins):  # one leg per launch: each got as far as its first step
+        times = sorted(r["time"] for r in train if r["leg"] == begin["leg"])
+        marks = begin.get("startup", {})
+        starting = [launch["launched"], marks.get("process"), marks.get("imported"), marks.get("group"),
+                    marks.get("planned"), marks.get("built"), marks.get("restored"), times[0] if times else None]
+        for name, a, b in zip(STARTING, starting, starting[1:]):
+            if a is not None and b is not None:
+                phases[name].append(b - a)
+        if len(times) > 10:  # steady running: wall-clock of the steps against their step time
+            beside = (times[-1] - times[0]) - (len(times) - 1) * step_time
+            phases["beside the steps, per minute"].append(60 * beside / (times[-1] - times[0]))
+        stop = next((e for e in events if e["event"] == "stop" and e["time"] > begin["time"]
+                     and e["time"] <= launch["exited"]), None)
+        if stop is None or launch["signalled"] is None:
+            continue
+        commit = max((e["time"] for e in events if e["event"] == "checkpoint" and e["step"] == stop["step"]
+                      and e["time"] <= stop["time"]), default=None)
+        stopping = [launch["signalled"], stop.get("agreed"), commit, stop["time"], launch["exited"]]
+        for name, a, b in zip(STOPPING, stopping, stopping[1:]):
+            if a is not None and b is not None:
+                phases[name].append(b - a)
     shutil.rmtree(run_dir, ignore_errors=True)
-    return {"wall": spent, "preemptions": len(launches), "survived": survived, "step_time": step_time,
+    return {"wall": spent, "preemptions": len(legs), "survived": survived, "step_time": step_time,
             "useful": survived * step_time / spent, "lost": statistics.mean(lost),
-            "first_step": statistics.median(firsts[1:] or firsts)}
+            "phases": {name: statistics.median(v) if v else None for name, v in phases.items()}}
 
 
 def main() -> None:
@@ -74,15 +110,26 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=150, help="wall-clock seconds per mode")
     parser.add_argument("--every", type=float, default=25, help="seconds between preemptions")
     parser.add_argument("--interval", type=int, default=50, help="checkpoint.interval_steps")
+    parser.add_argument("--modes", choices=["both", "signal", "interval"], default="both")
+    parser.add_argument("extra", nargs="*", help="more dtrain options for both modes (after --)")
     args = parser.parse_args()
-    results = {"save on signal": run_mode(True, args), "interval only": run_mode(False, args)}
+    modes = {"save on signal": True, "interval only": False}
+    if args.modes != "both":
+        modes = {name: flag for name, flag in modes.items() if flag == (args.modes == "signal")}
+    results = {name: run_mode(flag, args) for name, flag in modes.items()}
     print(f"2 ranks, small preset, preempted every {args.every:g} s, {args.budget:g} s per mode, "
-          f"checkpoint every {args.interval} steps")
-    print("| mode | preemptions | steps kept | step (s) | useful fraction of wall-clock | steps lost per preemption | restart to first step (s) |")
-    print("|---|---|---|---|---|---|---|")
+          f"checkpoint every {args.interval} steps {' '.join(args.extra)}")
+    print("| mode | preemptions | steps kept | step (s) | useful fraction of wall-clock | steps lost per preemption |")
+    print("|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['preemptions']} | {r['survived']} | {r['step_time']:.3f} | {r['useful']:.1%} | "
-              f"{r['lost']:.1f} | {r['first_step']:.1f} |")
+              f"{r['lost']:.1f} |")
+    print()
+    print("| phase (s, median) | " + " | ".join(results) + " |")
+    print("|---|" + "---|" * len(results))
+    for phase in STOPPING + STARTING + ["beside the steps, per minute"]:
+        cells = [f"{r['phases'][phase]:.2f}" if r["phases"][phase] is not None else "-" for r in results.values()]
+        print(f"| {phase} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""Per-example quality measures, and the classical baseline they are compared with."""
+"""Per-example quality measures, and the classical baseline they are compared with.
+
+scipy is imported where it is used: it is half a second of every worker's start,
+and a resumed leg may never evaluate (docs/elastic.md, "Where a restart's seconds go").
+"""
 from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.cluster.vq import kmeans2
-from scipy.optimize import linear_sum_assignment
-from scipy.spatial.distance import cdist
 
 
 def squared_error(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -19,6 +20,9 @@ def wasserstein(predicted, targets) -> np.ndarray:
     Both clouds have N equally weighted points, so the optimal transport plan is
     an assignment; the distance is the root mean squared length of its pairs.
     """
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial.distance import cdist
+
     predicted, targets = np.asarray(predicted, dtype=np.float64), np.asarray(targets, dtype=np.float64)
     out = np.empty(len(predicted))
     for i, (p, t) in enumerate(zip(predicted, targets)):
@@ -37,6 +41,8 @@ def kmeans_centres(points, num_components, seeds) -> np.ndarray:
     Each point's prediction is the centroid of its cluster. ``seeds`` (one per
     example, e.g. its index) make the baseline independent of how examples are batched.
     """
+    from scipy.cluster.vq import kmeans2
+
     points = np.asarray(points, dtype=np.float64)
     out = np.empty_like(points)
     for i, (cloud, k, seed) in enumerate(zip(points, np.asarray(num_components), seeds)):

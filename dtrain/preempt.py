@@ -35,7 +35,8 @@ AGENT_LOST = "AGENT_LOST"  # the stop reason of a worker whose torchrun agent ex
 class StopRequest:
     def __init__(self, signal_names: str, grace_seconds: float = 0.0):
         self.received: str | None = None
-        self.received_at = 0.0
+        self.received_at = 0.0  # monotonic, for the repeat window
+        self.received_time: float | None = None  # wall-clock, for the stop event
         self.grace_seconds = grace_seconds
         self._previous = {}
         # Under torchrun the parent is the agent: a worker whose agent is gone is an orphan that
@@ -53,7 +54,7 @@ class StopRequest:
                 return  # the same request, delivered twice (process group + torchrun's forwarding)
             print(f"dtrain: second signal ({name}) while stopping; exiting now", file=sys.stderr, flush=True)
             os._exit(128 + number)
-        self.received, self.received_at = name, time.monotonic()
+        self.received, self.received_at, self.received_time = name, time.monotonic(), time.time()
         if self.grace_seconds:
             timer = threading.Timer(self.grace_seconds, self._deadline)
             timer.daemon = True
@@ -68,7 +69,7 @@ class StopRequest:
         """"failure" if any rank failed, "signal" if any was asked to stop, else None
         (collective: call on every rank, at the same point)."""
         if self.received is None and self._agent is not None and os.getppid() != self._agent:
-            self.received, self.received_at = AGENT_LOST, time.monotonic()  # stop as on a signal
+            self.received, self.received_at, self.received_time = AGENT_LOST, time.monotonic(), time.time()
         flag = torch.tensor([2 if failed else 1 if self.received else 0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return {0: None, 1: "signal", 2: "failure"}[int(flag.item())]

@@ -23,7 +23,10 @@ from .errors import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, KINDS, ConfigError, Dtr
 from .lease import RunLease
 from .resume import changed_keys, refusal
 from .rundir import CONFIG, RunDirectory
+from .startup import CLOCK, StartupClock
 from .trainer import Trainer
+
+CLOCK.mark("imported")
 
 DESCRIPTION = """Train a cluster-prediction transformer on Gaussian mixtures with FSDP2.
 
@@ -117,14 +120,18 @@ def start_device(settings: Settings, run_dir: str, requested: ExperimentConfig, 
 
 
 def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_at_step: int | None = None,
-                 prog: str = "dtrain") -> Trainer:
+                 prog: str = "dtrain", clock: StartupClock | None = None) -> Trainer:
     """Train (or continue) ``run_dir`` on this process's group, the CLI's and the API's one path.
 
     Raises a ``DtrainError`` (after an orderly teardown: every rank reaches the same
-    verdict) and whatever else training raised.
+    verdict) and whatever else training raised. ``clock``'s marks, and the ones made
+    here, go into the leg's start/resume event (dtrain/startup.py).
     """
+    clock = clock or StartupClock()
+    clock.mark("called")
     requested = settings.resolve()
     ctx = init_distributed(start_device(settings, run_dir, requested, resume))
+    clock.mark("group")
     lease = None
     try:
         run = RunDirectory(run_dir, Storage.from_config(requested.checkpoint))
@@ -135,8 +142,11 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
         if "problem" in plan:
             raise KINDS[plan["kind"]](plan["problem"])
         config = ExperimentConfig.from_dict(plan["config"])
+        clock.mark("planned")
         run = RunDirectory(run_dir, Storage.from_config(config.checkpoint))
         trainer = Trainer(config, ctx, run, lease)
+        clock.mark("built")
+        trainer.startup = clock.marks
 
         def announce(notes=plan["notes"]) -> None:
             for note in notes:
@@ -145,6 +155,7 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
 
         on_main(ctx, announce)
         manifest = None if resume == "restart" else trainer.restore("latest" if resume == "never" else resume)
+        clock.mark("restored")
         say = print if ctx.is_main else (lambda *a, **k: None)
         if manifest is not None:
             say(f"{prog}: resuming from {manifest.directory} (step {manifest.step}, saved on "
@@ -194,7 +205,7 @@ def train(settings: Settings, run_dir: str, resume: str = "latest", prog: str = 
     """The command line's wrapper: exit codes and one-line errors instead of exceptions."""
     rank = int(os.environ.get("RANK", "0"))
     try:
-        trainer = run_training(settings, run_dir, resume, stop_at_step, prog)
+        trainer = run_training(settings, run_dir, resume, stop_at_step, prog, CLOCK)
     except DtrainError as error:
         if rank == 0:
             print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
