@@ -79,6 +79,9 @@ class TrainConfig:
     seed: int = opt(0, "seed of the model initialisation and of dropout")
     device: str = opt("auto", "auto (cuda when available), cpu or cuda")
     precision: str = opt("auto", "auto (bf16 on cuda, fp32 on cpu), fp32 or bf16")
+    step_timeout: float = opt(300.0, "seconds a rank waits for the next step boundary (saves and evaluation "
+                                     "not counted) before it decides a rank hung and exits, so the "
+                                     "launcher restarts the job; 0: wait for the 600 s collective timeout")
 
 
 @dataclass
@@ -272,7 +275,7 @@ def validate(config: ExperimentConfig, world_size: int | None = None) -> None:
                     "train.micro_batch_size": t.micro_batch_size, "train.grad_clip": t.grad_clip,
                     "train.weight_decay": t.weight_decay, "train.eval_interval": t.eval_interval,
                     "model.dropout": m.dropout, "data.seed": d.seed, "data.val_seed": d.val_seed,
-                    "train.seed": t.seed, **{f"checkpoint.{k}": v for k, v in
+                    "train.seed": t.seed, "train.step_timeout": t.step_timeout, **{f"checkpoint.{k}": v for k, v in
                                              dataclasses.asdict(config.checkpoint).items()
                                              if isinstance(v, (int, float)) and not isinstance(v, bool)}}
     for key, value in non_negative.items():

@@ -25,6 +25,7 @@ from .rundir import METRICS, RunDirectory
 from .sampler import ElasticSampler, GlobalBatch
 from .schedule import LRSchedule
 from .validation import baseline_sums, prediction_sums, rank_share, validation_examples
+from .watchdog import StepWatchdog
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -51,11 +52,14 @@ class Trainer:
         self.stopped_by_signal: str | None = None
         self.leg = ""  # id of this start of the run: sample records of rolled-back steps are told apart by it
         self.metrics: dict = {}  # the latest validation metrics
+        self.startup: dict = {}  # wall-clock marks of this start (dtrain/startup.py), for its event
         self._validation = None
         self._failure: DtrainError | None = None  # a storage failure of this rank, agreed at the boundary
         ck = config.checkpoint
+        self.watchdog = StepWatchdog(train.step_timeout, ctx.rank)  # counts while the loop runs
         self.checkpoints = CheckpointManager(run.catalog(ck.keep_last, ck.keep_every), ctx, ck,
-                                             events=run.event if ctx.is_main else None, lease=lease)
+                                             events=run.event if ctx.is_main else None, lease=lease,
+                                             watchdog=self.watchdog)
 
     @property
     def step(self) -> int:
@@ -131,8 +135,11 @@ class Trainer:
                 "config_fingerprint": self.config.fingerprint(),
                 "config": self.config.to_dict(),
                 "metrics": self.metrics}
-        self.checkpoints.save(self.state(), self.step, tags, info, blocking=blocking)
-        self._ship_logs()  # object stores: the log lines up to this checkpoint (dtrain/rundir.py)
+        with self.watchdog.not_counted():
+            self.checkpoints.save(self.state(), self.step, tags, info, blocking=blocking)
+            # Object stores: every rank's log lines up to this checkpoint (dtrain/rundir.py), ending
+            # in a collective, so that ranks wait for the slowest one here, where it is not counted.
+            on_every_rank(self.ctx, self._ship_logs)
 
     def _examples(self, batch: GlobalBatch) -> dict[str, torch.Tensor]:
         streams = train_streams(self.config.data.mode, batch.epochs)
@@ -254,7 +261,7 @@ class Trainer:
             world_size=ctx.world_size, global_batch_size=train.global_batch_size,
             micro_batch_size=self.micro_batch, accumulation=self.accumulation, device=str(ctx.device),
             backend=ctx.backend, precision=self.precision, parameters=self.num_parameters,
-            parameters_per_rank=per_rank, torch=torch.__version__))
+            parameters_per_rank=per_rank, torch=torch.__version__, startup=self.startup))
         progress = Progress(self.total_steps, self.step, ctx.is_main)
         progress.message(f"training {self.num_parameters:,} parameters on {ctx.world_size} "
                          f"rank(s) ({ctx.device.type}, {self.precision}), global batch "
@@ -265,6 +272,7 @@ class Trainer:
         try:
             if self.step == 0:
                 self._evaluate_and_log(progress)
+            self.watchdog.start()
             self._loop(progress, stop, stop_at_step)
         except TrainingDiverged as error:
             message = str(error)
@@ -273,6 +281,7 @@ class Trainer:
             on_main(ctx, lambda: self.run.event("diverged", step=self.step, error=message))
             raise
         finally:
+            self.watchdog.close()
             stop.close()
             self._ship_logs()  # whatever ended training; a failure here was already reported
         return self.metrics
@@ -284,6 +293,7 @@ class Trainer:
         window_loss = torch.zeros((), device=ctx.device)
         window_steps, window_busy = 0, 0.0  # throughput counts step time, not evaluation or saving
         tags: list[str] = []
+        agreed = None  # when the ranks agreed to stop on a signal
         while not self.finished:
             epoch_before = self.sampler.epoch
             started = time.perf_counter()
@@ -316,7 +326,10 @@ class Trainer:
                 on_every_rank(ctx, self._raise_failure)  # every rank raises the failing rank's error
             if verdict == "signal":
                 self.stopped_by_signal = stop.received or "a signal to another rank"
+                agreed = time.time()
                 break
+            self.watchdog.beat()
+        self.watchdog.close()  # the last save is not a step
         progress.close()
         if self.finished:
             tags = tags + ["final"]
@@ -327,13 +340,15 @@ class Trainer:
         self.checkpoints.close()
         self._ship_logs()
         on_every_rank(ctx, self._raise_failure)  # a log line that could not be written: say so now
-        reason = {"reason": self.stopped_by_signal} if self.stopped_by_signal else {}
+        reason = ({"reason": self.stopped_by_signal, "requested": stop.received_time, "agreed": agreed}
+                  if self.stopped_by_signal else {})
         on_main(ctx, lambda: self.run.event("end" if self.finished else "stop", step=self.step,
                                             samples_seen=self.samples_seen, **reason, **self.metrics))
 
     def _evaluate_and_log(self, progress: Progress) -> list[str]:
         """Validate, log, and return ["best"] when this is a new best worth saving."""
-        self.metrics = metrics = self.evaluate()
+        with self.watchdog.not_counted():
+            self.metrics = metrics = self.evaluate()
         if not math.isfinite(metrics["val_mse"]):  # every rank has the same all-reduced metrics
             raise self._diverged(f"validation MSE at step {self.step} is {metrics['val_mse']}")
         self._log("eval", {"step": self.step, "samples_seen": self.samples_seen, **metrics})

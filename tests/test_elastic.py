@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import TORCHRUN, read_jsonl
@@ -100,3 +101,30 @@ def test_workers_whose_agent_died_stop_with_a_checkpoint_instead_of_training_on(
     stop = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "stop"][-1]
     assert stop["reason"] == "AGENT_LOST" and stop["step"] == train_steps(run_dir)[-1]
     assert (run_dir / f"checkpoints/step_{stop['step']:08d}/manifest.json").exists()
+
+
+def test_a_stopped_rank_is_noticed_within_the_step_timeout_and_the_job_restarts_without_it(tmp_path):
+    """SIGSTOP of one worker: the other would wait 600 s in its collective; with --train.step_timeout=3
+    it exits, torchrun restarts the group (it waits 30 s for the stopped worker first, then SIGKILLs
+    it: torch's, docs/elastic.md), and the job finishes from the last commit with every sample once."""
+    run_dir, log = tmp_path / "run", tmp_path / "agent.log"
+    agent = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+                              "--monitor-interval=1", "-m", "dtrain.train", *JOB, "--run-dir", str(run_dir),
+                              "--train.max_steps=60", "--train.step_timeout=3"],
+                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_for(lambda: len(train_steps(run_dir)) >= 8)
+        stopped_at = time.monotonic()
+        os.kill(children(agent.pid)[1], signal.SIGSTOP)
+        wait_for(lambda: "no training step finished" in log.read_text(), 60)
+        noticed_after = time.monotonic() - stopped_at
+        assert agent.wait(timeout=120) == 0, log.read_text()[-4000:]
+    finally:
+        if agent.poll() is None:
+            kill_node(agent)
+    assert noticed_after < 20, noticed_after  # 3 s and a step, not the collective's 600 s
+    report = check_run(str(run_dir))
+    assert [leg["ended"].split()[0] for leg in report["legs"]] == ["killed", "finished"], report["legs"]
+    # 60 steps of 24 samples: 6 epochs of 240, every sample of each exactly once
+    assert report["finished"] and report["ok"] and len(report["coverage"]) == 6, report

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from ..config import CheckpointConfig
 from ..dist import DistContext, on_every_rank, on_main
 from ..errors import CheckpointError, StorageError
+from ..watchdog import StepWatchdog
 from .catalog import CheckpointCatalog, Listing
 from .dcp_io import UnsafeCheckpointError
 from .integrity import CorruptCheckpointError
@@ -53,13 +54,14 @@ class PendingSave:
 
 class CheckpointManager:
     def __init__(self, catalog: CheckpointCatalog, ctx: DistContext, config: CheckpointConfig | None = None,
-                 events=None, lease=None):
+                 events=None, lease=None, watchdog: StepWatchdog | None = None):
         self.catalog = catalog
         self.url, self.fs, self.root, self.storage = catalog.url, catalog.fs, catalog.root, catalog.storage
         self.ctx = ctx
         self.config = config or CheckpointConfig()
         self.events = events  # callable(kind, **fields) on rank 0, or None
         self.lease = lease  # rank 0's RunLease, checked before every commit; None elsewhere
+        self.watchdog = watchdog or StepWatchdog()  # a commit's wait for storage is not a step's
         self._pending: PendingSave | None = None
         self.last_blocked_s = 0.0
         self.last_directory = ""  # of the newest save this manager started
@@ -165,6 +167,10 @@ class CheckpointManager:
             self._commit()
 
     def _commit(self) -> None:
+        with self.watchdog.not_counted():
+            self._commit_pending()
+
+    def _commit_pending(self) -> None:
         pending, self._pending = self._pending, None
         shares = on_every_rank(self.ctx, pending.written.result)
         files = {name: entry for share in shares for name, entry in share.items()}
