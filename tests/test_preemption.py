@@ -1,13 +1,13 @@
 """Preemption: an agreed stop on a signal, elastic restarts under torchrun, the chaos harness."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from conftest import TORCHRUN, launch, read_jsonl
+from loopback_nodes import children, free_port
 from dtrain.report import check_run
 
 ROOT = Path(__file__).parent.parent
@@ -24,11 +24,6 @@ def start(args, torchrun_args):
 
 def workers(agent):
     return children(agent.pid)
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return sorted(int(child) for child in out.split())
 
 
 def wait_for(condition, timeout=120):
@@ -62,12 +57,6 @@ def test_sigterm_to_one_rank_saves_at_the_next_step_and_resumes_on_three(tmp_pat
         in resumed.stdout
     report = check_run(str(run_dir))
     assert report["steps_lost"] == 0 and report["ok"], report
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sigkill_under_max_restarts_resumes_and_sees_every_sample_once(tmp_path):
