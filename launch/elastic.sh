@@ -27,7 +27,7 @@ JOB_ID=${JOB_ID:-dtrain}
 RDZV_CONF=${RDZV_CONF:-join_timeout=600,last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=3}
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 started=$(date +%s)
-torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --max-restarts="$RESTARTS" --monitor-interval=1 \
+torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --max-restarts="$RESTARTS" \
     --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$JOB_ID" --rdzv-conf="$RDZV_CONF" \
     -m dtrain.train --run-dir "$RUN_DIR" "$@" &
 pid=$!
