@@ -105,6 +105,34 @@ def run_mode(save_on_signal: bool, args) -> dict:
             "phases": {name: statistics.median(v) if v else None for name, v in phases.items()}}
 
 
+FLOOR = """
+import time, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+dist.init_process_group("gloo")
+model = fully_shard(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)))
+model(torch.ones(8, 64)).sum().backward()
+dist.barrier()
+if dist.get_rank() == 0:
+    print(time.time(), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def restart_floor(runs: int = 3) -> float:
+    """Seconds from launching torchrun to a first FSDP2 step of a two-layer model, without dtrain:
+    what any restart costs on this machine (agent start, rendezvous, imports, group, FSDP's first use)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(FLOOR)
+    seconds = []
+    for _ in range(runs):
+        started = time.time()
+        out = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", f.name], capture_output=True,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+        seconds.append(float(out.split()[-1]) - started)
+    os.unlink(f.name)
+    return statistics.median(seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=150, help="wall-clock seconds per mode")
@@ -117,6 +145,7 @@ def main() -> None:
     if args.modes != "both":
         modes = {name: flag for name, flag in modes.items() if flag == (args.modes == "signal")}
     results = {name: run_mode(flag, args) for name, flag in modes.items()}
+    floor = restart_floor()
     print(f"2 ranks, small preset, preempted every {args.every:g} s, {args.budget:g} s per mode, "
           f"checkpoint every {args.interval} steps {' '.join(args.extra)}")
     print("| mode | preemptions | steps kept | step (s) | useful fraction of wall-clock | steps lost per preemption |")
@@ -130,6 +159,7 @@ def main() -> None:
     for phase in STOPPING + STARTING + ["beside the steps, per minute"]:
         cells = [f"{r['phases'][phase]:.2f}" if r["phases"][phase] is not None else "-" for r in results.values()]
         print(f"| {phase} | " + " | ".join(cells) + " |")
+    print(f"\nwithout dtrain, torchrun launch -> first FSDP2 step of a 2-layer model: {floor:.2f} s (median of 3)")
 
 
 if __name__ == "__main__":
