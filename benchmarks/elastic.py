@@ -74,26 +74,32 @@ def one_run(steps: int) -> dict:
     def train():
         return [r for r in run.read_jsonl(METRICS) if r.get("kind") == "train"] if run.exists(METRICS) else []
 
-    def leg_on(world_size: int):
-        legs = [e for e in run.read_jsonl(EVENTS) if e["event"] == "resume" and e["world_size"] == world_size]
+    def leg_on(world_size: int, after: float):
+        legs = [e for e in run.read_jsonl(EVENTS) if e["event"] in ("start", "resume") and e["world_size"] == world_size
+                and e["time"] > after]
         return legs[-1] if legs else None
 
     def first_step(leg) -> float | None:
         times = [r["time"] for r in train() if r["leg"] == leg["leg"]]
         return min(times) if times else None
 
+    def on_both() -> bool:  # A may start alone and grow when B joins a moment later
+        legs = [e for e in run.read_jsonl(EVENTS) if e["event"] in ("start", "resume")] if run.exists(EVENTS) else []
+        return bool(legs) and legs[-1]["world_size"] == 2 and \
+            sum(r["leg"] == legs[-1]["leg"] for r in train()) >= steps
+
     try:
-        wait_for(lambda: len(train()) >= steps)
+        wait_for(on_both)
         killed = time.time()
         kill_node(nodes.pop("b"))
-        wait_for(lambda: leg_on(1) is not None and first_step(leg_on(1)) is not None)
-        alone = leg_on(1)
+        wait_for(lambda: leg_on(1, killed) is not None and first_step(leg_on(1, killed)) is not None)
+        alone = leg_on(1, killed)
         done = len(train())
         wait_for(lambda: len(train()) >= done + steps)
         returned = time.time()
         nodes["b_again"] = node(work / "run", port, JOB, logs["b_again"], job_id="elastic-bench")
-        wait_for(lambda: leg_on(2) is not None and first_step(leg_on(2)) is not None)
-        again = leg_on(2)
+        wait_for(lambda: leg_on(2, returned) is not None and first_step(leg_on(2, returned)) is not None)
+        again = leg_on(2, returned)
     finally:
         for script in nodes.values():
             kill_node(script)
@@ -102,6 +108,7 @@ def one_run(steps: int) -> dict:
     failed = min(t for t in failed_worker_times(logs["a"]) if t >= killed)
     stop = next(e for e in events if e["event"] == "stop" and e["time"] > returned)
     commit = max(e["time"] for e in events if e["event"] == "checkpoint" and e["step"] == stop["step"])
+    asked = stop.get("requested") or stop["agreed"]  # rank 0 is on A, which its agent signals
 
     def starting(leg):
         m = leg["startup"]
@@ -111,7 +118,7 @@ def one_run(steps: int) -> dict:
         return {name: b - a for name, a, b in zip(names, marks, marks[1:])} | {"total": marks[-1] - marks[0]}
 
     result = {"loss": phases(LOSS, [killed, failed, *starting(alone)]),
-              "return": phases(RETURN, [returned, stop["requested"], max(commit, stop["time"]), *starting(again)])}
+              "return": phases(RETURN, [returned, asked, max(commit, stop["time"]), *starting(again)])}
     shutil.rmtree(work, ignore_errors=True)
     return result
 

@@ -34,7 +34,6 @@ from dtrain.report import check_run
 from dtrain.rundir import EVENTS, METRICS, RunDirectory
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-GLOBAL_BATCH = 64  # the small preset's
 STOPPING = ["signal -> agreed stop", "agreed -> save committed", "committed -> stopped", "stopped -> exited"]
 STARTING = ["launch -> worker started", "worker started -> imported", "imported -> process group",
             "process group -> planned", "planned -> model built", "built -> checkpoint loaded",
@@ -73,12 +72,14 @@ def run_mode(save_on_signal: bool, args) -> dict:
     for r in train:
         first_steps.setdefault(r["leg"], []).append(r["step"])
     steady = [r for r in train if r["step"] > min(first_steps[r["leg"]]) + 2]
-    step_time = statistics.mean(GLOBAL_BATCH / r["samples_per_s"] for r in steady)
+    batch = next(e["global_batch_size"] for e in events if e["event"] in ("start", "resume"))
+    step_time = statistics.mean(batch / r["samples_per_s"] for r in steady)
     lost = [leg["lost_steps"] for leg in report["legs"][:-1]]
     lost.append(max(report["legs"][-1]["last_step"] - survived, 0))
     phases = {name: [] for name in STOPPING + STARTING + ["beside the steps, per minute"]}
     begins = [e for e in events if e["event"] in ("start", "resume")]
-    for launch, begin in zip(legs, begins):  # one leg per launch: each got as far as its first step
+    for begin in begins:
+        launch = max((leg for leg in legs if leg["launched"] <= begin["time"]), key=lambda leg: leg["launched"])
         times = sorted(r["time"] for r in train if r["leg"] == begin["leg"])
         marks = begin.get("startup", {})
         starting = [launch["launched"], marks.get("process"), marks.get("imported"), marks.get("group"),
@@ -93,9 +94,12 @@ def run_mode(save_on_signal: bool, args) -> dict:
                      and e["time"] <= launch["exited"]), None)
         if stop is None or launch["signalled"] is None:
             continue
+        agreed = stop.get("agreed")
         commit = max((e["time"] for e in events if e["event"] == "checkpoint" and e["step"] == stop["step"]
                       and e["time"] <= stop["time"]), default=None)
-        stopping = [launch["signalled"], stop.get("agreed"), commit, stop["time"], launch["exited"]]
+        if commit is not None and agreed is not None:
+            commit = max(commit, agreed)  # the stop fell on an interval save's step: nothing more to save
+        stopping = [launch["signalled"], agreed, commit, stop["time"], launch["exited"]]
         for name, a, b in zip(STOPPING, stopping, stopping[1:]):
             if a is not None and b is not None:
                 phases[name].append(b - a)
@@ -126,9 +130,11 @@ def restart_floor(runs: int = 3) -> float:
     seconds = []
     for _ in range(runs):
         started = time.time()
-        out = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", f.name], capture_output=True,
-                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
-        seconds.append(float(out.split()[-1]) - started)
+        done = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", f.name], capture_output=True,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(f"the restart-floor job failed:\n{done.stderr[-2000:]}")
+        seconds.append(float(done.stdout.split()[-1]) - started)
     os.unlink(f.name)
     return statistics.median(seconds)
 

@@ -81,7 +81,8 @@ class TrainConfig:
     precision: str = opt("auto", "auto (bf16 on cuda, fp32 on cpu), fp32 or bf16")
     step_timeout: float = opt(300.0, "seconds a rank waits for the next step boundary (saves and evaluation "
                                      "not counted) before it decides a rank hung and exits, so the "
-                                     "launcher restarts the job; 0: wait for the 600 s collective timeout")
+                                     "launcher restarts the job (2+ ranks); 0: wait for the 600 s "
+                                     "collective timeout")
 
 
 @dataclass

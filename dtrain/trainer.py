@@ -56,7 +56,8 @@ class Trainer:
         self._validation = None
         self._failure: DtrainError | None = None  # a storage failure of this rank, agreed at the boundary
         ck = config.checkpoint
-        self.watchdog = StepWatchdog(train.step_timeout, ctx.rank)  # counts while the loop runs
+        # Counts while the loop runs; one rank has no peer to hang (nor should a debugger kill it).
+        self.watchdog = StepWatchdog(train.step_timeout if ctx.world_size > 1 else 0, ctx.rank)
         self.checkpoints = CheckpointManager(run.catalog(ck.keep_last, ck.keep_every), ctx, ck,
                                              events=run.event if ctx.is_main else None, lease=lease,
                                              watchdog=self.watchdog)

@@ -32,6 +32,7 @@ class StepWatchdog:
         """Count from now (a timeout of 0 counts nothing)."""
         self.beat()
         if self.timeout_s > 0 and self._thread is None:
+            self._stop.clear()
             self._thread = threading.Thread(target=self._watch, name="dtrain-step-watchdog", daemon=True)
             self._thread.start()
 
@@ -46,8 +47,8 @@ class StepWatchdog:
         try:
             yield
         finally:
+            self.beat()  # first: the thread must not see the region left with the old time
             self._excluded -= 1
-            self.beat()
 
     def close(self) -> None:
         self._stop.set()
@@ -57,8 +58,9 @@ class StepWatchdog:
 
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, self.timeout_s / 10)):
+            excluded = self._excluded  # before the time, the order not_counted() writes them in
             waited = time.monotonic() - self._last
-            if not self._excluded and waited > self.timeout_s:
+            if not excluded and waited > self.timeout_s:
                 print(f"dtrain: rank {self.rank}: no training step finished in {waited:.0f} s "
                       f"(--train.step_timeout={self.timeout_s:g}): a rank of the job is hung or gone; "
                       "exiting so that the launcher restarts the job from the last committed checkpoint",
