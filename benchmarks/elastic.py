@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from loopback_nodes import free_port, kill_node, node, rendezvous_store  # noqa: E402
+from loopback_nodes import free_port, kill_node, kill_nodes, node, rendezvous_store, wait_for  # noqa: E402
 
 from dtrain.rundir import EVENTS, METRICS, RunDirectory  # noqa: E402
 
@@ -53,14 +53,6 @@ def failed_worker_times(log: Path) -> list[float]:
             stamp = datetime.datetime(year, int(month), int(day), int(hour), int(minute))
             times.append(stamp.timestamp() + float(second))  # torchrun logs local time
     return times
-
-
-def wait_for(condition, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the job did not get there in time")
-        time.sleep(0.05)
 
 
 def one_run(steps: int) -> dict:
@@ -89,20 +81,19 @@ def one_run(steps: int) -> dict:
             sum(r["leg"] == legs[-1]["leg"] for r in train()) >= steps
 
     try:
-        wait_for(on_both)
+        wait_for(on_both, 180)
         killed = time.time()
         kill_node(nodes.pop("b"))
-        wait_for(lambda: leg_on(1, killed) is not None and first_step(leg_on(1, killed)) is not None)
+        wait_for(lambda: leg_on(1, killed) is not None and first_step(leg_on(1, killed)) is not None, 180)
         alone = leg_on(1, killed)
         done = len(train())
-        wait_for(lambda: len(train()) >= done + steps)
+        wait_for(lambda: len(train()) >= done + steps, 180)
         returned = time.time()
         nodes["b_again"] = node(work / "run", port, JOB, logs["b_again"], job_id="elastic-bench")
-        wait_for(lambda: leg_on(2, returned) is not None and first_step(leg_on(2, returned)) is not None)
+        wait_for(lambda: leg_on(2, returned) is not None and first_step(leg_on(2, returned)) is not None, 180)
         again = leg_on(2, returned)
     finally:
-        for script in nodes.values():
-            kill_node(script)
+        kill_nodes(nodes.values())
         store.kill()
     events = run.read_jsonl(EVENTS)
     failed = min(t for t in failed_worker_times(logs["a"]) if t >= killed)

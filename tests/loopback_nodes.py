@@ -12,11 +12,19 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent  # torchrun and python of this environment
 RDZV_CONF = "join_timeout=60,last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3"
+
+
+def wait_for(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def free_port() -> int:
@@ -63,3 +71,10 @@ def kill_node(script: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
             os.kill(pid, sig)
     if sig == signal.SIGKILL:
         script.wait()
+
+
+def kill_nodes(scripts) -> None:
+    """SIGKILL of every node still running (a test's or benchmark's clean-up)."""
+    for script in scripts:
+        if script.poll() is None:
+            kill_node(script)

@@ -7,8 +7,8 @@ import time
 
 from conftest import TORCHRUN, read_jsonl
 from dtrain.report import check_run
-from loopback_nodes import children, free_port, kill_node, node, rendezvous_store
-from test_preemption import JOB, start, train_steps, wait_for
+from loopback_nodes import children, free_port, kill_node, kill_nodes, node, rendezvous_store, wait_for
+from test_preemption import JOB, start, train_steps
 
 
 def resumes(run_dir) -> list[dict]:
@@ -39,9 +39,7 @@ def test_a_node_lost_then_back_shrinks_and_grows_the_job_without_losing_a_sample
         nodes[logs[2]] = node(run_dir, port, args, logs[2])
         finish(nodes)
     finally:
-        for script in nodes.values():
-            if script.poll() is None:
-                kill_node(script)
+        kill_nodes(nodes.values())
         store.kill()
 
     report = check_run(str(run_dir))
@@ -84,9 +82,7 @@ def test_three_nodes_lose_two_one_after_the_other_and_grow_back_without_losing_a
         nodes.update({name: node(run_dir, port, args, log[name], nnodes="1:3") for name in ("b_again", "c_again")})
         finish({log[name]: script for name, script in nodes.items()})
     finally:
-        for script in nodes.values():
-            if script.poll() is None:
-                kill_node(script)
+        kill_nodes(nodes.values())
         store.kill()
 
     report = check_run(str(run_dir))
@@ -117,8 +113,7 @@ def test_a_stopped_rank_is_noticed_within_the_step_timeout_and_the_job_restarts_
         noticed_after = time.monotonic() - stopped_at
         assert agent.wait(timeout=120) == 0, log.read_text()[-4000:]
     finally:
-        if agent.poll() is None:
-            kill_node(agent)
+        kill_nodes([agent])
     assert noticed_after < 20, noticed_after  # 3 s and a step, not the collective's 600 s
     report = check_run(str(run_dir))
     assert [leg["ended"].split()[0] for leg in report["legs"]] == ["killed", "finished"], report["legs"]

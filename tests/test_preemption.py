@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from conftest import TORCHRUN, launch, read_jsonl
-from loopback_nodes import children, free_port
+from loopback_nodes import children, free_port, wait_for
 from dtrain.report import check_run
 
 ROOT = Path(__file__).parent.parent
@@ -22,17 +22,6 @@ def start(args, torchrun_args):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def workers(agent):
-    return children(agent.pid)
-
-
-def wait_for(condition, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def train_steps(run_dir):
     return [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
 
@@ -42,7 +31,7 @@ def test_sigterm_to_one_rank_saves_at_the_next_step_and_resumes_on_three(tmp_pat
     agent = start([*JOB, "--run-dir", str(run_dir), "--train.num_epochs=1000"],
                   ["--standalone", "--nproc_per_node=2"])
     wait_for(lambda: len(train_steps(run_dir)) >= 8)
-    os.kill(workers(agent)[1], signal.SIGTERM)  # one rank only: the other learns it at the boundary
+    os.kill(children(agent.pid)[1], signal.SIGTERM)  # one rank only: the other learns it at the boundary
     output, _ = agent.communicate(timeout=120)
     assert "exitcode  : 75" in output
     stop = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "stop"][-1]
@@ -67,7 +56,7 @@ def test_sigkill_under_max_restarts_resumes_and_sees_every_sample_once(tmp_path)
                    "--rdzv-conf=last_call_timeout=1"])  # do not wait 30 s for a second node
     wait_for(lambda: any((run_dir / "checkpoints").glob("step_*/manifest.json")))
     wait_for(lambda: len(train_steps(run_dir)) >= 8)
-    os.kill(workers(agent)[0], signal.SIGKILL)
+    os.kill(children(agent.pid)[0], signal.SIGKILL)
     try:
         output, _ = agent.communicate(timeout=240)
     except subprocess.TimeoutExpired:
