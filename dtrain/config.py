@@ -83,6 +83,10 @@ class TrainConfig:
                                      "not counted) before it decides a rank hung and exits, so the "
                                      "launcher restarts the job (2+ ranks); 0: wait for the 600 s "
                                      "collective timeout")
+    heartbeat_timeout: float = opt(60.0, "seconds a rank goes without hearing from the next rank, in any "
+                                         "phase (steps, saves, evaluation), before it decides that rank "
+                                         "is stopped or unreachable and exits, so the launcher restarts "
+                                         "the job (2+ ranks); 0 disables")
 
 
 @dataclass
@@ -276,7 +280,8 @@ def validate(config: ExperimentConfig, world_size: int | None = None) -> None:
                     "train.micro_batch_size": t.micro_batch_size, "train.grad_clip": t.grad_clip,
                     "train.weight_decay": t.weight_decay, "train.eval_interval": t.eval_interval,
                     "model.dropout": m.dropout, "data.seed": d.seed, "data.val_seed": d.val_seed,
-                    "train.seed": t.seed, "train.step_timeout": t.step_timeout, **{f"checkpoint.{k}": v for k, v in
+                    "train.seed": t.seed, "train.step_timeout": t.step_timeout,
+                    "train.heartbeat_timeout": t.heartbeat_timeout, **{f"checkpoint.{k}": v for k, v in
                                              dataclasses.asdict(config.checkpoint).items()
                                              if isinstance(v, (int, float)) and not isinstance(v, bool)}}
     for key, value in non_negative.items():

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .errors import KINDS, ConfigError, DtrainError
+from .heartbeat import PeerHeartbeat
 
 
 @dataclass
@@ -26,6 +27,13 @@ class DistContext:
     backend: str
     mesh: DeviceMesh
     owns_group: bool  # we created the group, so we tear it down
+    heartbeat: PeerHeartbeat | None = None  # watches the next rank while the group lives
+
+    def watch_peers(self, timeout_s: float) -> None:
+        """Exit when the next rank goes silent for ``timeout_s`` (dtrain/heartbeat.py); the group
+        must be ours, since the watching ends only with ``shutdown``."""
+        if self.owns_group and self.heartbeat is None:
+            self.heartbeat = PeerHeartbeat.for_job(self.rank, self.world_size, timeout_s)
 
     @property
     def is_main(self) -> bool:
@@ -79,6 +87,9 @@ def shutdown(ctx: DistContext) -> None:
     """
     if ctx.owns_group and dist.is_initialized():
         dist.barrier()
+        if ctx.heartbeat is not None:  # after the barrier: a peer still at work is still watched
+            ctx.heartbeat.close()
+            ctx.heartbeat = None
         dist.destroy_process_group()
 
 

@@ -142,6 +142,7 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
         if "problem" in plan:
             raise KINDS[plan["kind"]](plan["problem"])
         config = ExperimentConfig.from_dict(plan["config"])
+        ctx.watch_peers(config.train.heartbeat_timeout)
         clock.mark("planned")
         run = RunDirectory(run_dir, Storage.from_config(config.checkpoint))
         trainer = Trainer(config, ctx, run, lease)

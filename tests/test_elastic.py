@@ -95,26 +95,28 @@ def test_three_nodes_lose_two_one_after_the_other_and_grow_back_without_losing_a
     assert report["finished"] and report["ok"] and len(report["coverage"]) == 15, report
 
 
-def test_a_stopped_rank_is_noticed_within_the_step_timeout_and_the_job_restarts_without_it(tmp_path):
-    """SIGSTOP of one worker: the other would wait 600 s in its collective; with --train.step_timeout=3
-    it exits, torchrun restarts the group (it waits 30 s for the stopped worker first, then SIGKILLs
-    it: torch's, docs/elastic.md), and the job finishes from the last commit with every sample once."""
+def test_a_stopped_rank_is_noticed_within_the_heartbeat_timeout_and_the_job_restarts_without_it(tmp_path):
+    """SIGSTOP of one worker: the other would wait 600 s in its collective; with
+    --train.heartbeat_timeout=3 it exits, whether it was in a step or a save (there is one every
+    step here), torchrun restarts the group (it waits 30 s for the stopped worker first, then
+    SIGKILLs it: torch's, docs/elastic.md), and the job finishes from the last commit with every
+    sample once."""
     run_dir, log = tmp_path / "run", tmp_path / "agent.log"
     agent = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-                              "-m", "dtrain.train", *JOB, "--run-dir", str(run_dir),
-                              "--train.max_steps=60", "--train.step_timeout=3"],
+                              "-m", "dtrain.train", *JOB, "--run-dir", str(run_dir), "--train.max_steps=60",
+                              "--checkpoint.interval_steps=1", "--train.heartbeat_timeout=3"],
                              stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         wait_for(lambda: len(train_steps(run_dir)) >= 8)
         stopped_at = time.monotonic()
         os.kill(children(agent.pid)[1], signal.SIGSTOP)
-        wait_for(lambda: "no training step finished" in log.read_text(), 60)
+        wait_for(lambda: "rank 0: no heartbeat from rank 1" in log.read_text(), 60)
         noticed_after = time.monotonic() - stopped_at
         assert agent.wait(timeout=120) == 0, log.read_text()[-4000:]
     finally:
         kill_nodes([agent])
-    assert noticed_after < 20, noticed_after  # 3 s and a step, not the collective's 600 s
+    assert noticed_after < 20, noticed_after  # 3 s and a beat, not the collective's 600 s
     report = check_run(str(run_dir))
     assert [leg["ended"].split()[0] for leg in report["legs"]] == ["killed", "finished"], report["legs"]
     # 60 steps of 24 samples: 6 epochs of 240, every sample of each exactly once
