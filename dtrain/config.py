@@ -80,9 +80,8 @@ class TrainConfig:
     device: str = opt("auto", "auto (cuda when available), cpu or cuda")
     precision: str = opt("auto", "auto (bf16 on cuda, fp32 on cpu), fp32 or bf16")
     step_timeout: float = opt(300.0, "seconds a rank waits for the next step boundary (saves and evaluation "
-                                     "not counted) before it decides a rank hung and exits, so the "
-                                     "launcher restarts the job (2+ ranks); 0: wait for the 600 s "
-                                     "collective timeout")
+                                     "not counted) before it decides a live rank is stuck and exits, so "
+                                     "the launcher restarts the job (2+ ranks); 0 disables")
     heartbeat_timeout: float = opt(60.0, "seconds a rank goes without hearing from the next rank, in any "
                                          "phase (steps, saves, evaluation), before it decides that rank "
                                          "is stopped or unreachable and exits, so the launcher restarts "

@@ -6,7 +6,9 @@ before anything fails. ``StepWatchdog`` bounds that wait by
 ``train.step_timeout``: a thread that ends this process (exit 1, so the launcher
 restarts the job from the last commit) when the training loop has not passed a
 step boundary for that long. Checkpoint saves, commits and loads and evaluation
-are not counted: their length depends on storage and data, not on a step
+are not counted: their length depends on storage and data, not on a step. A peer
+that stops while the others save is caught by the heartbeat (dtrain/heartbeat.py);
+this watchdog is for the rank that is alive, and so beats, but stuck
 (docs/elastic.md, "A hung rank").
 """
 from __future__ import annotations
