@@ -321,6 +321,9 @@ def validate(config: ExperimentConfig, world_size: int | None = None) -> None:
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--train.precision={t.precision!r} is unknown; use auto, fp32 or bf16")
     stop_signals(ck.stop_signals)
+    if 0 < t.heartbeat_timeout < 1:
+        raise ConfigError(f"--train.heartbeat_timeout={t.heartbeat_timeout:g} is under a second, shorter than "
+                          "a live rank can be kept from its store; use at least 1, or 0 to turn it off")
     if ck.storage_timeout <= 0 or ck.storage_retries < 1 or ck.lease_seconds < 3:
         raise ConfigError("--checkpoint.storage_timeout must be positive, --checkpoint.storage_retries at "
                           "least 1 and --checkpoint.lease_seconds at least 3")

@@ -53,6 +53,8 @@ def test_precedence_preset_then_file_then_command_line(tmp_path):
     (["--checkpoint.stop_signals=SIGTERM,NOPE"], "'NOPE' is not a signal"),
     (["--checkpoint.endpoint_url=s3.example.com"], "is not an http(s) URL"),
     (["--checkpoint.storage_timeout=0"], "storage_timeout must be positive"),
+    (["--train.heartbeat_timeout=0.2"], "--train.heartbeat_timeout=0.2 is under a second"),
+    (["--train.heartbeat_timeout=-1"], "--train.heartbeat_timeout=-1.0 must not be negative"),
     (["--resume=yesterday"], "--resume='yesterday' is not latest, best, never, restart"),
 ])
 def test_bad_values_stop_with_one_line_naming_the_key(argv, words, capsys):
