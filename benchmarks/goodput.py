@@ -13,7 +13,8 @@ go, phase by phase (median over the preemptions), from the marks each leg's
 events record (dtrain/startup.py): signal -> agreed stop -> save committed ->
 stopped -> exited -> agent started the worker -> imports -> process group ->
 plan -> model built -> checkpoint verified and loaded -> first step; and the
-seconds a leg spends beside its steps (interval saves, logging).
+seconds a leg spends beside its steps (interval saves, from their checkpoint events; the
+rest is logging and the per-step stop agreement).
 
     python benchmarks/goodput.py [--budget 150] [--every 25] [--interval 50] [--modes both]
 """
@@ -38,6 +39,7 @@ STOPPING = ["signal -> agreed stop", "agreed -> save committed", "committed -> s
 STARTING = ["launch -> worker started", "worker started -> imported", "imported -> process group",
             "process group -> planned", "planned -> model built", "built -> checkpoint loaded",
             "loaded -> first step done"]
+BESIDE = ["beside the steps, per minute", "of which interval saves (the loop blocked), per minute"]
 
 
 def run_mode(save_on_signal: bool, args) -> dict:
@@ -76,7 +78,7 @@ def run_mode(save_on_signal: bool, args) -> dict:
     step_time = statistics.mean(batch / r["samples_per_s"] for r in steady)
     lost = [leg["lost_steps"] for leg in report["legs"][:-1]]
     lost.append(max(report["legs"][-1]["last_step"] - survived, 0))
-    phases = {name: [] for name in STOPPING + STARTING + ["beside the steps, per minute"]}
+    phases = {name: [] for name in STOPPING + STARTING + BESIDE}
     begins = [e for e in events if e["event"] in ("start", "resume")]
     for begin in begins:
         launch = max((leg for leg in legs if leg["launched"] <= begin["time"]), key=lambda leg: leg["launched"])
@@ -89,7 +91,10 @@ def run_mode(save_on_signal: bool, args) -> dict:
                 phases[name].append(b - a)
         if len(times) > 10:  # steady running: wall-clock of the steps against their step time
             beside = (times[-1] - times[0]) - (len(times) - 1) * step_time
-            phases["beside the steps, per minute"].append(60 * beside / (times[-1] - times[0]))
+            saving = sum(e["blocked_s"] for e in events if e["event"] == "checkpoint"
+                         and times[0] < e["time"] <= times[-1])
+            phases[BESIDE[0]].append(60 * beside / (times[-1] - times[0]))
+            phases[BESIDE[1]].append(60 * saving / (times[-1] - times[0]))
         stop = next((e for e in events if e["event"] == "stop" and e["time"] > begin["time"]
                      and e["time"] <= launch["exited"]), None)
         if stop is None or launch["signalled"] is None:
@@ -162,7 +167,7 @@ def main() -> None:
     print()
     print("| phase (s, median) | " + " | ".join(results) + " |")
     print("|---|" + "---|" * len(results))
-    for phase in STOPPING + STARTING + ["beside the steps, per minute"]:
+    for phase in STOPPING + STARTING + BESIDE:
         cells = [f"{r['phases'][phase]:.2f}" if r["phases"][phase] is not None else "-" for r in results.values()]
         print(f"| {phase} | " + " | ".join(cells) + " |")
     print(f"\nwithout dtrain, torchrun launch -> first FSDP2 step of a 2-layer model: {floor:.2f} s (median of 3)")
