@@ -1,20 +1,25 @@
 """A stopped or unreachable rank must not hold the job, whatever the others are doing.
 
-A rank that hangs without dying (SIGSTOP, a frozen node, a cut network) closes no
-socket, so its peers wait in their next collective for the process group's
-timeout, 600 s. ``StepWatchdog`` (dtrain/watchdog.py) bounds that wait between
-step boundaries only; a peer that stops while the others save, commit or
-evaluate is caught here, in any phase. Every rank bumps a counter on the job's
-TCPStore and watches the counter of the next rank (a ring: one watcher per
-rank, two store requests per rank per beat, however large the job). When the
-watched counter has not moved for ``train.heartbeat_timeout`` seconds, or the
-store stopped answering, this process exits 1 and the launcher restarts the job
-from the last committed checkpoint (docs/elastic.md, "A hung rank").
+A rank that hangs without dying (SIGSTOP, a frozen node, a network cut off from
+the job's store) closes no socket, so its peers wait in their next collective
+for the process group's timeout, 600 s. ``StepWatchdog`` (dtrain/watchdog.py)
+bounds that wait between step boundaries only; a peer that stops while the
+others save, commit or evaluate is caught here, in any phase. Every rank bumps a
+counter on the job's TCPStore and watches the counter of the next rank (a ring:
+one watcher per rank, two store requests per rank per beat, however large the
+job). When fresh reads show the watched counter still for
+``train.heartbeat_timeout`` seconds, or one store request has been unanswered
+that long, this process exits 1 and the launcher restarts the job from the last
+committed checkpoint (docs/elastic.md, "A hung rank").
 
 The counter lives in a thread of its own, so a slow save or a long step does not
-delay it; a store request to a stopped store blocks without end (its timeout
-applies to waiting for keys, not to a silent server), so a second thread does the
-judging.
+delay it; a request to a stopped store blocks without end (its timeout covers
+waiting for keys, not a silent server), so a second thread does the judging. Only
+evidence gathered while this process ran counts: when a thread wakes much later
+than it asked (the whole job was suspended, or this process held the GIL), the
+clocks start again. A store that errors (its host process died: torchrun's agent,
+or rank 0) is not a hang; the heartbeat stops and the group's own failure, or the
+lost agent (dtrain/preempt.py), decides what happens.
 """
 from __future__ import annotations
 
@@ -28,15 +33,18 @@ import torch.distributed as dist
 
 from .errors import EXIT_CRASH
 
-PREFIX = "dtrain/heartbeat/"
-
 
 class PeerHeartbeat:
-    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float):
+    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float, job: str = ""):
         self.store, self.rank, self.timeout_s = store, rank, timeout_s
         self.peer = (rank + 1) % world_size
+        # Keyed by job, not by restart: torchrun agents on different nodes count restarts apart.
+        self.prefix = f"dtrain/heartbeat/{job}/"
         self.interval_s = min(max(timeout_s / 10, 0.1), 5.0)
-        self._seen = time.monotonic()  # when the peer's counter last moved
+        self.stall_s = max(self.interval_s, 1.0)  # a wake-up this late means this process was not running
+        self._seen = time.monotonic()  # when a read last saw the peer's counter move
+        self._read = self._seen  # when the last read came back
+        self._asking: float | None = None  # when the request in flight was sent
         self._stop = threading.Event()
         self._judge: threading.Thread | None = None
 
@@ -48,12 +56,12 @@ class PeerHeartbeat:
             return None
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                               timeout=datetime.timedelta(seconds=max(timeout_s, 30)))
-        heartbeat = cls(store, rank, world_size, timeout_s)
+        heartbeat = cls(store, rank, world_size, timeout_s, os.environ.get("TORCHELASTIC_RUN_ID", ""))
         heartbeat.start()
         return heartbeat
 
     def start(self) -> None:
-        self._seen = time.monotonic()
+        self._forgive(time.monotonic())
         threading.Thread(target=self._beat, name="dtrain-heartbeat", daemon=True).start()
         self._judge = threading.Thread(target=self._watch, name="dtrain-heartbeat-judge", daemon=True)
         self._judge.start()
@@ -65,24 +73,51 @@ class PeerHeartbeat:
             self._judge.join()
             self._judge = None
 
+    def _forgive(self, now: float) -> None:
+        """Start the clocks again: what was missed while this process stood still proves nothing."""
+        self._seen = self._read = now
+        if self._asking is not None:
+            self._asking = now
+
     def _beat(self) -> None:
         last = None
         while not self._stop.is_set():
+            self._asking = time.monotonic()
             try:
-                self.store.add(f"{PREFIX}{self.rank}", 1)
-                count = self.store.add(f"{PREFIX}{self.peer}", 0)  # reads without waiting for the key
-            except Exception:  # noqa: BLE001 - a store that errors is a store that does not answer
-                count = last
+                self.store.add(f"{self.prefix}{self.rank}", 1)
+                count = self.store.add(f"{self.prefix}{self.peer}", 0)  # reads without waiting for the key
+            except Exception as error:  # noqa: BLE001 - the store's host is gone: not a hang
+                print(f"dtrain: rank {self.rank}: the job's store failed ({str(error).splitlines()[0]}); "
+                      "heartbeat off", file=sys.stderr, flush=True)
+                self._stop.set()
+                return
+            self._read, self._asking = time.monotonic(), None
             if count != last:
-                last, self._seen = count, time.monotonic()
+                last, self._seen = count, self._read
+            due = time.monotonic() + self.interval_s
             self._stop.wait(self.interval_s)
+            if time.monotonic() - due > self.stall_s:
+                self._forgive(time.monotonic())
 
     def _watch(self) -> None:
+        expected = time.monotonic() + self.interval_s
         while not self._stop.wait(self.interval_s):
-            silent = time.monotonic() - self._seen
-            if silent > self.timeout_s:
-                print(f"dtrain: rank {self.rank}: no heartbeat from rank {self.peer} for {silent:.0f} s "
-                      f"(--train.heartbeat_timeout={self.timeout_s:g}): it is stopped, hung or unreachable, "
-                      "or the job's store is; exiting so that the launcher restarts the job from the last "
-                      "committed checkpoint", file=sys.stderr, flush=True)
-                os._exit(EXIT_CRASH)
+            now = time.monotonic()
+            if now - expected > self.stall_s:
+                self._forgive(now)
+            expected = now + self.interval_s
+            asking = self._asking
+            if asking is not None and now - asking > self.timeout_s:
+                self._exit(f"the job's store has not answered for {now - asking:.0f} s: its host is "
+                           "stopped or unreachable")
+            if self._read - self._seen > self.timeout_s:
+                self._exit(f"no heartbeat from rank {self.peer} for {self._read - self._seen:.0f} s: it is "
+                           "stopped, hung or unreachable")
+
+    def _exit(self, why: str) -> None:
+        if self._stop.is_set():
+            return  # closed meanwhile: the job ended normally
+        print(f"dtrain: rank {self.rank}: {why} (--train.heartbeat_timeout={self.timeout_s:g}); exiting so "
+              "that the launcher restarts the job from the last committed checkpoint",
+              file=sys.stderr, flush=True)
+        os._exit(EXIT_CRASH)
