@@ -15,9 +15,9 @@ committed checkpoint (docs/elastic.md, "A hung rank").
 The counter lives in a thread of its own, so a slow save or a long step does not
 delay it; a request to a stopped store blocks without end (its timeout covers
 waiting for keys, not a silent server), so a second thread does the judging. Only
-evidence gathered while this process ran counts: when a thread wakes much later
-than it asked (the whole job was suspended, or this process held the GIL), the
-clocks start again. A store that errors (its host process died: torchrun's agent,
+evidence gathered while this process ran counts: when the judge wakes later than
+it asked (the whole job was suspended, or this process held the GIL), the clocks
+move on by that much. A store that errors (its host process died: torchrun's agent,
 or rank 0) is not a hang; the heartbeat stops and the group's own failure, or the
 lost agent (dtrain/preempt.py), decides what happens.
 """
@@ -41,12 +41,11 @@ class PeerHeartbeat:
         # Keyed by job, not by restart: torchrun agents on different nodes count restarts apart.
         self.prefix = f"dtrain/heartbeat/{job}/"
         self.interval_s = min(max(timeout_s / 10, 0.1), 5.0)
-        self.stall_s = max(self.interval_s, 1.0)  # a wake-up this late means this process was not running
         self._seen = time.monotonic()  # when a read last saw the peer's counter move
         self._read = self._seen  # when the last read came back
         self._asking: float | None = None  # when the request in flight was sent
         self._stop = threading.Event()
-        self._judge: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     @classmethod
     def for_job(cls, rank: int, world_size: int, timeout_s: float) -> PeerHeartbeat | None:
@@ -61,58 +60,69 @@ class PeerHeartbeat:
         return heartbeat
 
     def start(self) -> None:
-        self._forgive(time.monotonic())
-        threading.Thread(target=self._beat, name="dtrain-heartbeat", daemon=True).start()
-        self._judge = threading.Thread(target=self._watch, name="dtrain-heartbeat-judge", daemon=True)
-        self._judge.start()
+        self._stop.clear()
+        self._seen = self._read = time.monotonic()
+        self._threads = [threading.Thread(target=self._beat, name="dtrain-heartbeat", daemon=True),
+                         threading.Thread(target=self._watch, name="dtrain-heartbeat-judge", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     def close(self) -> None:
-        """Stop judging (the beating thread may be inside a store request; it ends with the process)."""
+        """Stop beating and judging. The beat thread is given a moment to leave its store request:
+        a thread still inside one when the interpreter exits can abort the process."""
         self._stop.set()
-        if self._judge is not None:
-            self._judge.join()
-            self._judge = None
+        for thread in self._threads:
+            thread.join(timeout=2)
+        self._threads = []
 
-    def _forgive(self, now: float) -> None:
-        """Start the clocks again: what was missed while this process stood still proves nothing."""
-        self._seen = self._read = now
-        if self._asking is not None:
-            self._asking = now
+    def _ask(self, key: str, amount: int) -> int:
+        self._asking = time.monotonic()
+        count = self.store.add(key, amount)
+        self._asking = None
+        return count
 
     def _beat(self) -> None:
         last = None
         while not self._stop.is_set():
-            self._asking = time.monotonic()
             try:
-                self.store.add(f"{self.prefix}{self.rank}", 1)
-                count = self.store.add(f"{self.prefix}{self.peer}", 0)  # reads without waiting for the key
+                self._ask(f"{self.prefix}{self.rank}", 1)
+                count = self._ask(f"{self.prefix}{self.peer}", 0)  # reads without waiting for the key
             except Exception as error:  # noqa: BLE001 - the store's host is gone: not a hang
-                print(f"dtrain: rank {self.rank}: the job's store failed ({str(error).splitlines()[0]}); "
-                      "heartbeat off", file=sys.stderr, flush=True)
+                self._asking = None
+                if not self._stop.is_set():  # at the end, rank 0's store may go first
+                    print(f"dtrain: rank {self.rank}: the job's store failed ({str(error).splitlines()[0]}); "
+                          "heartbeat off", file=sys.stderr, flush=True)
                 self._stop.set()
                 return
-            self._read, self._asking = time.monotonic(), None
+            self._read = time.monotonic()
             if count != last:
                 last, self._seen = count, self._read
-            due = time.monotonic() + self.interval_s
             self._stop.wait(self.interval_s)
-            if time.monotonic() - due > self.stall_s:
-                self._forgive(time.monotonic())
 
     def _watch(self) -> None:
-        expected = time.monotonic() + self.interval_s
-        while not self._stop.wait(self.interval_s):
+        due = time.monotonic() + self.interval_s
+        while not self._stop.wait(max(due - time.monotonic(), 0)):
             now = time.monotonic()
-            if now - expected > self.stall_s:
-                self._forgive(now)
-            expected = now + self.interval_s
-            asking = self._asking
+            late = now - due
+            if late > self.interval_s:
+                # This process stood still (the job suspended, the GIL held): the silence that
+                # piled up meanwhile proves nothing about the peer.
+                self._seen += late
+                asking = self._asking
+                if asking is not None:
+                    self._asking = asking + late
+            due = now + self.interval_s
+            asking, silent = self._asking, self._read - self._seen
             if asking is not None and now - asking > self.timeout_s:
-                self._exit(f"the job's store has not answered for {now - asking:.0f} s: its host is "
-                           "stopped or unreachable")
-            if self._read - self._seen > self.timeout_s:
-                self._exit(f"no heartbeat from rank {self.peer} for {self._read - self._seen:.0f} s: it is "
-                           "stopped, hung or unreachable")
+                why = (f"a request to the job's store has not been answered for {now - asking:.1f} s: its "
+                       "host is stopped or unreachable")
+            elif silent > self.timeout_s:
+                why = f"no heartbeat from rank {self.peer} for {silent:.1f} s: it is stopped, hung or unreachable"
+            else:
+                continue
+            if time.monotonic() - now > self.interval_s:
+                continue  # stood still since this tick began: judge again on the next one
+            self._exit(why)
 
     def _exit(self, why: str) -> None:
         if self._stop.is_set():

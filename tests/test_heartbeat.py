@@ -71,7 +71,7 @@ def test_a_stopped_store_ends_every_rank_and_a_dead_one_turns_the_heartbeat_off(
     try:  # the node that hosts the store froze: its requests block, and every rank leaves
         store.send_signal(signal.SIGSTOP)
         assert [r.wait(timeout=30) for r in ranks] == [1, 1]
-        assert all("the job's store has not answered for" in r.stderr.read() for r in ranks)
+        assert all("a request to the job's store has not been answered for" in r.stderr.read() for r in ranks)
     finally:
         signal_all([store, *ranks], signal.SIGKILL)
     store, ranks = job(busy_s=0)
