@@ -37,6 +37,7 @@ class StopRequest:
         self.received: str | None = None
         self.received_at = 0.0  # monotonic, for the repeat window
         self.received_time: float | None = None  # wall-clock, for the stop event
+        self.agreed_reason: str | None = None  # a reason every rank must record (AGENT_LOST)
         self.grace_seconds = grace_seconds
         self._previous = {}
         # Under torchrun the parent is the agent: a worker whose agent is gone is an orphan that
@@ -70,9 +71,14 @@ class StopRequest:
         (collective: call on every rank, at the same point)."""
         if self.received is None and self._agent is not None and os.getppid() != self._agent:
             self.received, self.received_at, self.received_time = AGENT_LOST, time.monotonic(), time.time()
-        flag = torch.tensor([2 if failed else 1 if self.received else 0])
+        # MAX picks the weightiest: a failure, then a lost agent, then a signal; a lost agent is
+        # named as such, since the ranks notice it one step apart.
+        own = 3 if failed else 2 if self.received == AGENT_LOST else 1 if self.received else 0
+        flag = torch.tensor([own])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return {0: None, 1: "signal", 2: "failure"}[int(flag.item())]
+        agreed = int(flag.item())
+        self.agreed_reason = AGENT_LOST if agreed == 2 else None
+        return {0: None, 1: "signal", 2: "signal", 3: "failure"}[agreed]
 
     def close(self) -> None:
         for number, handler in self._previous.items():

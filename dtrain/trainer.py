@@ -326,7 +326,7 @@ class Trainer:
             if verdict == "failure":
                 on_every_rank(ctx, self._raise_failure)  # every rank raises the failing rank's error
             if verdict == "signal":
-                self.stopped_by_signal = stop.received or "a signal to another rank"
+                self.stopped_by_signal = stop.received or stop.agreed_reason or "a signal to another rank"
                 agreed = time.time()
                 break
             self.watchdog.beat()
