@@ -35,6 +35,12 @@ class DistContext:
         if self.owns_group and self.heartbeat is None:
             self.heartbeat = PeerHeartbeat.for_job(self.rank, self.world_size, timeout_s)
 
+    def stop_watching(self) -> None:
+        """No collective: safe on a failure path too."""
+        if self.heartbeat is not None:
+            self.heartbeat.close()
+            self.heartbeat = None
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -87,9 +93,7 @@ def shutdown(ctx: DistContext) -> None:
     """
     if ctx.owns_group and dist.is_initialized():
         dist.barrier()
-        if ctx.heartbeat is not None:  # after the barrier: a peer still at work is still watched
-            ctx.heartbeat.close()
-            ctx.heartbeat = None
+        ctx.stop_watching()  # after the barrier: a peer still at work is still watched
         dist.destroy_process_group()
 
 

@@ -183,9 +183,7 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
         shutdown(ctx)
         raise
     except BaseException:
-        if ctx.heartbeat is not None:  # no collective needed; a caller that goes on must not be judged
-            ctx.heartbeat.close()
-            ctx.heartbeat = None
+        ctx.stop_watching()  # a caller that goes on must not be judged by a peer's exit
         if ctx.owns_group and ctx.world_size == 1:  # nobody to wait for: leave the process usable
             if lease is not None:
                 lease.release()
