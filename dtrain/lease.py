@@ -63,10 +63,12 @@ def launcher_job() -> str:
 
 
 class RunLease:
-    def __init__(self, run: RunDirectory, ttl_s: float = 60.0):
-        self.run, self.ttl_s = run, ttl_s
-        self.me = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-                   "pid_started": _process_start(os.getpid()), "job": launcher_job(),
+    def __init__(self, run: RunDirectory, ttl_s: float = 60.0, job_id: str | None = None):
+        """``job_id``: a lease shared by every process of that job (the replica groups of one torchft
+        job): each renews it, none deletes it (it goes stale when the last one stops)."""
+        self.run, self.ttl_s, self.shared = run, ttl_s, job_id is not None
+        self.me = {"id": job_id or uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+                   "pid_started": _process_start(os.getpid()), "job": job_id or launcher_job(),
                    "acquired": time.time(), "ttl_s": ttl_s}
         self.lost: str = ""  # why the lease was lost, once it was
         self._stop = threading.Event()
@@ -107,7 +109,7 @@ class RunLease:
         """Take the lease or raise ``ConfigError`` naming the holder; returns a note on a takeover."""
         holder = self._read()
         note = ""
-        if holder is not None:
+        if holder is not None and not (self.shared and holder.get("id") == self.me["id"]):  # shared: join it
             reason = self.stale_reason(holder)
             if not reason:
                 raise ConfigError(self._busy(holder))
@@ -159,7 +161,7 @@ class RunLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self.lost:
+        if self.lost or self.shared:
             return
         try:
             holder = self._read() or {}

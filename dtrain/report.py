@@ -24,6 +24,8 @@ def check_run(run: RunDirectory | str) -> dict:
     train = [r for r in run.read_jsonl(METRICS) if r.get("kind") == "train" and isinstance(r.get("leg"), str)
              and isinstance(r.get("step"), int)]
     events = [e for e in events if isinstance(e.get("step", 0), int)]
+    replica_events = [e for e in events if "replica_id" in e]
+    events = [e for e in events if "replica_id" not in e]
     starts = [e for e in events if e["event"] in ("start", "resume") and isinstance(e.get("leg"), str)
               and "step" in e]
     legs = []
@@ -45,34 +47,89 @@ def check_run(run: RunDirectory | str) -> dict:
     report = {"run": run.url, "legs": legs, "finished": bool(legs) and legs[-1]["ended"] == "finished",
               "interruptions": len(legs) - 1 if legs else 0,
               "steps_lost": sum(leg["lost_steps"] for leg in legs)}
-    report["coverage"] = _coverage(run, legs)
+    if replica_events:
+        report.update(_replica_legs(replica_events))
+    report["coverage"] = _coverage(run, legs, report)
     report["checkpoints"] = _checkpoints(run)
     report["ok"] = (report["checkpoints"]["unloadable"] == 0 and
                     all(e["duplicates"] == 0 and e["missing"] == 0 for e in report["coverage"].values()))
     return report
 
 
-def _coverage(run: RunDirectory, legs: list[dict]) -> dict:
+def _replica_legs(events: list[dict]) -> dict:
+    """Replica groups (docs/fault-tolerance.md): each start of a group is a leg; it began from a
+    checkpoint or healed from a live peer, and ended, left on a signal, or was killed."""
+    legs = []
+    for i, start in enumerate(events):
+        if start["event"] not in ("start", "resume", "heal"):
+            continue
+        later = [e for e in events[i + 1:] if e["replica_id"] == start["replica_id"]]
+        following = next((j for j, e in enumerate(later) if e["event"] in ("start", "resume", "heal")), len(later))
+        ending = next((e for e in later[:following] if e["event"] in ("end", "stop", "diverged")), None)
+        how = ("finished" if ending and ending["event"] == "end" else
+               f"stopped ({ending.get('reason', 'asked')})" if ending else "killed")
+        legs.append({"leg": start.get("leg"), "replica_id": start["replica_id"], "started": start["time"],
+                     "how": "healed" if start["event"] == "heal" else "from a checkpoint",
+                     "from_step": start["step"], "world_size": start.get("world_size"),
+                     "last_step": ending["step"] if ending else None, "ended": how})
+    return {"legs": legs, "finished": any(leg["ended"] == "finished" for leg in legs),
+            "interruptions": sum(leg["ended"] != "finished" for leg in legs),
+            "heals": sum(leg["how"] == "healed" for leg in legs), "steps_lost": 0}
+
+
+def _coverage(run: RunDirectory, legs: list[dict], report: dict | None = None) -> dict:
     """Per epoch: samples consumed by surviving steps, and duplicates/missing positions."""
     window = {}  # leg -> [first, last] steps that survived (later legs redo the rest)
     for i, leg in enumerate(legs):
         end = legs[i + 1]["from_step"] if i + 1 < len(legs) else float("inf")
         window[leg["leg"]] = (leg["from_step"], end)
     counts: dict[int, Counter] = {}
+    replica_records, conflicts = [], 0
     for name in run.logs(SAMPLES):
         for record in run.read_jsonl(f"{SAMPLES}/{name}"):
+            if "replicas" in record:
+                replica_records.append(record)
+                continue
             first, end = window.get(record.get("leg"), (0, -1))
             if first <= record["step"] < end:
                 for epoch, position in zip(record["epochs"], record["positions"]):
                     counts.setdefault(epoch, Counter())[position] += 1
+    if replica_records:
+        steps, conflicts, lost = _replica_steps(replica_records, run.events())
+        if report is not None:
+            report["steps_lost"] += lost
+        for record in steps.values():
+            for epoch, position in zip(record["epochs"], record["positions"]):
+                counts.setdefault(epoch, Counter())[position] += 1
     out = {}
     last = max(counts, default=-1)
     for epoch, counter in sorted(counts.items()):
         span = max(counter) + 1
         missing = 0 if epoch == last else span - len(counter)  # the last epoch may be partial
         out[epoch] = {"samples": sum(counter.values()), "distinct": len(counter),
-                      "duplicates": sum(c - 1 for c in counter.values()), "missing": missing}
+                      "duplicates": sum(c - 1 for c in counter.values()) + conflicts, "missing": missing}
     return out
+
+
+def _replica_steps(records: list[dict], events: list[dict]) -> tuple[dict[int, dict], int, int]:
+    """The committed steps of replica groups that count, and how many records disagree.
+
+    Each replica group records the whole global batch of every step it committed, so a step
+    survives as long as one group wrote it; the records of one step agree. A start of a replica
+    group from a checkpoint (not a heal) rolls back every step at or after the checkpoint's that
+    was recorded before it: nobody alive held them (dtrain/replica_trainer.py).
+    """
+    rollbacks = [(e["time"], e["step"]) for e in events
+                 if e.get("event") in ("start", "resume") and "replica_id" in e]
+    steps, conflicts, rolled_back = {}, 0, set()
+    for record in records:
+        if any(time > record["time"] and step <= record["step"] for time, step in rollbacks):
+            rolled_back.add(record["step"])
+            continue
+        batch = (record["epochs"], record["positions"])
+        kept = steps.setdefault(record["step"], record)
+        conflicts += (kept["epochs"], kept["positions"]) != batch
+    return steps, conflicts, len(rolled_back)
 
 
 def _checkpoints(run: RunDirectory) -> dict:
@@ -88,6 +145,11 @@ def format_report(report: dict) -> str:
     lines = [f"run {report['run']}: {'finished' if report['finished'] else 'not finished'}, "
              f"{report['interruptions']} interruption(s), {report['steps_lost']} step(s) lost"]
     for leg in report["legs"]:
+        if "replica_id" in leg:
+            lines.append(f"  replica {leg['replica_id']}: {leg['world_size']} rank(s), {leg['how']} at step "
+                         f"{leg['from_step']}, {leg['ended']}" + (f" at step {leg['last_step']}"
+                                                                  if leg["last_step"] is not None else ""))
+            continue
         lines.append(f"  leg {leg['leg']}: {leg['world_size']} rank(s), steps {leg['from_step']}->{leg['last_step']}, "
                      f"{leg['ended']}, lost {leg['lost_steps']}")
     for epoch, entry in report["coverage"].items():

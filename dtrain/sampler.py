@@ -80,12 +80,15 @@ class GlobalBatch:
         part = slice(rank * share, (rank + 1) * share)
         return GlobalBatch(self.epochs[part], self.positions[part], self.indices[part])
 
+    def deal(self, part: int, parts: int) -> "GlobalBatch":
+        """Part ``part`` of ``parts`` contiguous shares as even as can be (sizes differ by at most
+        one): a step's batch over the replicas of its quorum, then over a group's ranks."""
+        part_slice = slice(len(self) * part // parts, len(self) * (part + 1) // parts)
+        return GlobalBatch(self.epochs[part_slice], self.positions[part_slice], self.indices[part_slice])
+
     def split(self, parts: int) -> list["GlobalBatch"]:
-        """Equal consecutive pieces (micro-batches of an accumulation)."""
-        size = len(self) // parts
-        return [GlobalBatch(self.epochs[i * size : (i + 1) * size],
-                            self.positions[i * size : (i + 1) * size],
-                            self.indices[i * size : (i + 1) * size]) for i in range(parts)]
+        """Consecutive pieces (micro-batches of an accumulation), equal when ``parts`` divides."""
+        return [self.deal(i, parts) for i in range(parts)]
 
 
 class ElasticSampler:

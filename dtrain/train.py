@@ -21,6 +21,7 @@ from .config import ExperimentConfig, Settings, build_parser, parse_args, valida
 from .dist import broadcast_from_main, init_distributed, on_main, shutdown
 from .errors import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, KINDS, ConfigError, DtrainError
 from .lease import RunLease
+from .replicas import FaultTolerance
 from .resume import changed_keys, refusal
 from .rundir import CONFIG, RunDirectory
 from .startup import CLOCK, StartupClock
@@ -120,7 +121,8 @@ def start_device(settings: Settings, run_dir: str, requested: ExperimentConfig, 
 
 
 def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_at_step: int | None = None,
-                 prog: str = "dtrain", clock: StartupClock | None = None) -> Trainer:
+                 prog: str = "dtrain", clock: StartupClock | None = None,
+                 ft: FaultTolerance | None = None) -> Trainer:
     """Train (or continue) ``run_dir`` on this process's group, the CLI's and the API's one path.
 
     Raises a ``DtrainError`` (after an orderly teardown: every rank reaches the same
@@ -135,8 +137,9 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
     lease = None
     try:
         run = RunDirectory(run_dir, Storage.from_config(requested.checkpoint))
-        if ctx.is_main:
-            lease = RunLease(run, requested.checkpoint.lease_seconds)
+        ft = ft or FaultTolerance()
+        if ctx.is_main:  # the replica groups of one job share its lease
+            lease = RunLease(run, requested.checkpoint.lease_seconds, ft.job_id if ft.enable else None)
         plan = broadcast_from_main(ctx, plan_run(run, settings, resume, ctx.world_size, lease)
                                    if ctx.is_main else None)
         if "problem" in plan:
@@ -145,7 +148,11 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
         ctx.watch_peers(config.train.heartbeat_timeout)
         clock.mark("planned")
         run = RunDirectory(run_dir, Storage.from_config(config.checkpoint))
-        trainer = Trainer(config, ctx, run, lease)
+        if ft.enable:
+            from .replica_trainer import ReplicaTrainer  # imports torchft
+            trainer = ReplicaTrainer(config, ctx, run, lease, ft)
+        else:
+            trainer = Trainer(config, ctx, run, lease)
         clock.mark("built")
         trainer.startup = clock.marks
 
@@ -171,7 +178,11 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
                 f"({trainer.samples_seen} samples); nothing to do", flush=True)
         else:
             trainer.fit(stop_at_step)
-            if trainer.stopped_by_signal:
+            if getattr(trainer, "left_alone", False):
+                say(f"{prog}: replica {ft.replica_id} left at step {trainer.step} on {trainer.stopped_by_signal}; "
+                    "the other replica groups go on with the state (start this one again to rejoin)",
+                    flush=True)
+            elif trainer.stopped_by_signal:
                 say(f"{prog}: stopped at step {trainer.step} on {trainer.stopped_by_signal}, checkpoint "
                     f"committed; start the same run again to continue (exit {EXIT_PREEMPTED})", flush=True)
             elif not trainer.finished:
@@ -203,11 +214,11 @@ def _peer_gone(error: BaseException) -> bool:
 
 
 def train(settings: Settings, run_dir: str, resume: str = "latest", prog: str = "dtrain",
-          stop_at_step: int | None = None) -> int:
+          stop_at_step: int | None = None, ft: FaultTolerance | None = None) -> int:
     """The command line's wrapper: exit codes and one-line errors instead of exceptions."""
     rank = int(os.environ.get("RANK", "0"))
     try:
-        trainer = run_training(settings, run_dir, resume, stop_at_step, prog, CLOCK)
+        trainer = run_training(settings, run_dir, resume, stop_at_step, prog, CLOCK, ft)
     except DtrainError as error:
         if rank == 0:
             print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
@@ -230,8 +241,18 @@ def train(settings: Settings, run_dir: str, resume: str = "latest", prog: str = 
 
 def main(argv=None, prog: str = "python -m dtrain.train") -> int:
     parser = build_parser(prog, DESCRIPTION)
+    group = parser.add_argument_group("fault_tolerance options (replica groups on torchft; "
+                                      "docs/fault-tolerance.md)")
+    for name, help in FaultTolerance.HELP.items():
+        default = getattr(FaultTolerance, name)
+        group.add_argument(f"--fault_tolerance.{name}", dest=f"fault_tolerance.{name}", default=None,
+                           metavar=type(default).__name__.upper(), help=f"{help} (default: {default})")
     args, settings = parse_args(parser, argv)
-    code = train(settings, args.run_dir, args.resume, prog, args.stop_at_step)
+    try:
+        ft = FaultTolerance.from_args(args)
+    except ConfigError as error:
+        parser.exit(2, f"{prog}: error: {error}\n")
+    code = train(settings, args.run_dir, args.resume, prog, args.stop_at_step, ft)
     record_exit_code(code)
     return code
 

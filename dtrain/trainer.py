@@ -146,7 +146,7 @@ class Trainer:
         streams = train_streams(self.config.data.mode, batch.epochs)
         return make_examples(self.spec, self.config.data.seed, streams, batch.indices)
 
-    def train_step(self) -> torch.Tensor:
+    def train_step(self) -> torch.Tensor | None:
         """One optimizer step over the next global batch; returns this rank's loss sum."""
         ctx, train = self.ctx, self.config.train
         global_batch = self.sampler.take(train.global_batch_size)
@@ -155,6 +155,16 @@ class Trainer:
             self._write(f"samples/rank_{ctx.rank}.jsonl", {
                 "step": self.step, "leg": self.leg, "world_size": ctx.world_size, "epochs": mine.epochs.tolist(),
                 "positions": mine.positions.tolist(), "indices": mine.indices.tolist()})
+        # FSDP averages over ranks; dividing by the rank's share makes it a global-batch mean.
+        loss_sum = self._forward_backward(mine, len(mine))
+        norm = self._gradient_norm()
+        self._check_finite(loss_sum, norm)  # before the update: a non-finite step is never applied
+        self._apply(norm)
+        return loss_sum
+
+    def _forward_backward(self, mine: GlobalBatch, divisor: float) -> torch.Tensor:
+        """Gradients of sum(loss over ``mine``) / ``divisor`` at this step's learning rate."""
+        ctx, train = self.ctx, self.config.train
         lr = self.schedule(self.samples_seen + train.global_batch_size)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -167,21 +177,24 @@ class Trainer:
             examples = self._examples(micro)
             predicted = self.model(examples["points"].to(ctx.device))
             per_example = squared_error(predicted, examples["targets"].to(ctx.device))
-            # FSDP averages over ranks; dividing by the rank's share makes it a global-batch mean.
-            (per_example.sum() / len(mine)).backward()
+            (per_example.sum() / divisor).backward()
             loss_sum += per_example.detach().sum()
-        params = list(self.model.parameters())
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        self._check_finite(loss_sum, norm)  # before the update: a non-finite step is never applied
+        return loss_sum
+
+    def _gradient_norm(self) -> torch.Tensor:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def _apply(self, norm: torch.Tensor) -> None:
+        """Clip, step the optimizer and count the step."""
+        train = self.config.train
         if train.grad_clip:
-            torch.nn.utils.clip_grads_with_norm_(params, train.grad_clip, norm)
+            torch.nn.utils.clip_grads_with_norm_(list(self.model.parameters()), train.grad_clip, norm)
         self.checkpoints.wait_for_staging()  # a background save copies the state during fwd/bwd
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.samples_seen += train.global_batch_size
-        return loss_sum
 
     def _check_finite(self, loss_sum: torch.Tensor, norm: torch.Tensor) -> None:
         """Stop every rank if any rank's loss, or the global gradient norm, is not finite."""
@@ -257,8 +270,7 @@ class Trainer:
         ctx, train, ck = self.ctx, self.config.train, self.config.checkpoint
         per_rank = self._parameters_per_rank()
         self.leg = broadcast_from_main(ctx, uuid.uuid4().hex[:12] if ctx.is_main else None)
-        on_main(ctx, lambda: self.run.event(
-            "start" if self.step == 0 else "resume", step=self.step, leg=self.leg, samples_seen=self.samples_seen,
+        self._announce_start(dict(
             world_size=ctx.world_size, global_batch_size=train.global_batch_size,
             micro_batch_size=self.micro_batch, accumulation=self.accumulation, device=str(ctx.device),
             backend=ctx.backend, precision=self.precision, parameters=self.num_parameters,
@@ -287,6 +299,10 @@ class Trainer:
             self._ship_logs()  # whatever ended training; a failure here was already reported
         return self.metrics
 
+    def _announce_start(self, fields: dict) -> None:
+        on_main(self.ctx, lambda: self.run.event("start" if self.step == 0 else "resume", step=self.step,
+                                                 leg=self.leg, samples_seen=self.samples_seen, **fields))
+
     def _loop(self, progress: Progress, stop: StopRequest, stop_at_step: int | None) -> None:
         """Steps until the end, ``stop_at_step`` or an agreed stop; then the last, synchronous save."""
         ctx, train = self.ctx, self.config.train
@@ -298,34 +314,36 @@ class Trainer:
         while not self.finished:
             epoch_before = self.sampler.epoch
             started = time.perf_counter()
-            window_loss += self.train_step()
+            loss = self.train_step()
             window_busy += time.perf_counter() - started
-            window_steps += 1
-            self.checkpoints.poll()
-            record = None
-            if self.step % train.log_interval == 0 or self.finished:
-                dist.all_reduce(window_loss)
-                record = {"step": self.step, "leg": self.leg, "epoch": self.sampler.epoch, "time": time.time(),
-                          "samples_seen": self.samples_seen,
-                          "loss": window_loss.item() / (window_steps * train.global_batch_size),
-                          "lr": self.optimizer.param_groups[0]["lr"],
-                          "samples_per_s": window_steps * train.global_batch_size / window_busy}
-                self._log("train", record)
-                window_loss.zero_()
-                window_steps, window_busy = 0, 0.0
-            progress.step(record)
-            tags = []
-            if (train.eval_interval and self.step % train.eval_interval == 0) or self.finished:
-                tags += self._evaluate_and_log(progress)
-            if self.finished or (stop_at_step and self.step >= stop_at_step):
-                break
-            if tags or self.checkpoints.due(self.step, epoch_before, self.sampler.epoch):
-                self.save(tags, blocking=False)
+            if loss is not None:  # None: a replica step that was not committed (dtrain/replica_trainer.py)
+                window_loss += loss
+                window_steps += 1
+                self.checkpoints.poll()
+                record = None
+                if self.step % train.log_interval == 0 or self.finished:
+                    dist.all_reduce(window_loss)
+                    record = {"step": self.step, "leg": self.leg, "epoch": self.sampler.epoch,
+                              "time": time.time(), "samples_seen": self.samples_seen,
+                              "loss": window_loss.item() / (window_steps * train.global_batch_size),
+                              "lr": self.optimizer.param_groups[0]["lr"],
+                              "samples_per_s": window_steps * train.global_batch_size / window_busy}
+                    self._log("train", record)
+                    window_loss.zero_()
+                    window_steps, window_busy = 0, 0.0
+                progress.step(record)
+                tags = []
+                if (train.eval_interval and self.step % train.eval_interval == 0) or self.finished:
+                    tags += self._evaluate_and_log(progress)
+                if self.finished or (stop_at_step and self.step >= stop_at_step):
+                    break
+                if tags or self.checkpoints.due(self.step, epoch_before, self.sampler.epoch):
+                    self.save(tags, blocking=False)
             # After any evaluation or save, so a signal during them is honoured right here.
             verdict = stop.agree(failed=self._failure is not None)
             if verdict == "failure":
                 on_every_rank(ctx, self._raise_failure)  # every rank raises the failing rank's error
-            if verdict == "signal":
+            if verdict == "signal" and self._stop_now():
                 self.stopped_by_signal = stop.received or stop.agreed_reason or "a signal to another rank"
                 agreed = time.time()
                 break
@@ -343,8 +361,17 @@ class Trainer:
         on_every_rank(ctx, self._raise_failure)  # a log line that could not be written: say so now
         reason = ({"reason": self.stopped_by_signal, "requested": stop.received_time, "agreed": agreed}
                   if self.stopped_by_signal else {})
+        fields = self._end_fields()  # collective where it gathers from every rank
         on_main(ctx, lambda: self.run.event("end" if self.finished else "stop", step=self.step,
-                                            samples_seen=self.samples_seen, **reason, **self.metrics))
+                                            samples_seen=self.samples_seen, **reason, **self.metrics, **fields))
+
+    def _end_fields(self) -> dict:
+        return {}
+
+    def _stop_now(self) -> bool:
+        """Whether an agreed signal stops this group at this boundary (replica groups first learn
+        whether the others stop too)."""
+        return True
 
     def _evaluate_and_log(self, progress: Progress) -> list[str]:
         """Validate, log, and return ["best"] when this is a new best worth saving."""

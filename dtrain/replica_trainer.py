@@ -1,0 +1,184 @@
+"""The training loop of one replica group: each step is dealt over the step's quorum, and
+counts only once torchft commits it (docs/fault-tolerance.md).
+
+A step here:
+
+1. join the quorum (dtrain/replicas.py); a group that is behind first takes the
+   whole training state from a live peer (a heal): weights, AdamW, sampler,
+   schedule and counters, so it deals the same global batches as the others;
+2. take the next global batch and deal it: replica ``i`` of ``R`` its contiguous
+   share, then the group's ranks theirs; each rank's loss is scaled so that the
+   gradients summed over the group (FSDP2) and over the replicas (torchft) are
+   the global batch's mean;
+3. commit or not: a step torchft does not commit (a replica died in it) puts the
+   sampler back, so the same global batch is dealt again over the next quorum.
+   No sample is lost or repeated, whatever dies when.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from .dist import on_main
+from .errors import ConfigError
+from .replicas import FaultTolerance, ReplicaGroup
+from .trainer import Trainer
+
+HEAL_FORMAT = 1
+
+
+class ReplicaTrainer(Trainer):
+    def __init__(self, config, ctx, run, lease, ft: FaultTolerance):
+        super().__init__(config, ctx, run, lease)
+        self.ft = ft
+        # torchft asks for the state from its quorum thread: keep the sharded parameters as they
+        # are now, never what the module holds at call time (FSDP2 swaps in unsharded ones mid-step).
+        self._shards = dict(self.model.named_parameters())
+        self.replicas = ReplicaGroup(ft, ctx.device, self._heal_state, self._load_heal_state)
+        self.replica_rank, self.num_replicas = ft.replica_id, 1  # until the first quorum
+        self.uncommitted = 0  # steps dealt but not committed (a replica failed in them)
+        self.healed_from: int | None = None  # the step this group was at before a heal
+        self.left_alone = False  # stopped on a signal while the other replicas go on
+        self._stop_asked = False
+        self._leave: str | None = None  # "all" or "alone", decided one step after a signal
+        self._pending_start: dict | None = None
+
+    # ---- state that travels in a heal -------------------------------------------------------
+    def _heal_state(self) -> dict:
+        """This rank's shards and the group-wide counters, as plain tensors and numbers."""
+        optimizer = {}
+        for name, p in self._shards.items():
+            optimizer[name] = {key: (value.to_local() if isinstance(value, DTensor) else value).detach()
+                               for key, value in self.optimizer.state.get(p, {}).items()}
+        return {"format": HEAL_FORMAT, "group_world_size": self.ctx.world_size,
+                "fingerprint": self.config.fingerprint(), "leg": self.leg,
+                "model": {name: p.to_local().detach() for name, p in self._shards.items()},
+                "optimizer": optimizer, "progress": self.counters.state_dict(),
+                "sampler": self.sampler.state_dict(), "schedule": self.schedule.state_dict(),
+                "metrics": dict(self.metrics)}
+
+    def _load_heal_state(self, state: dict) -> None:
+        if state.get("format") != HEAL_FORMAT or state.get("fingerprint") != self.config.fingerprint():
+            raise ConfigError("a live replica group trains another configuration than this one; start every "
+                              "replica group of a job with the same options")
+        if state["group_world_size"] != self.ctx.world_size:
+            raise ConfigError(f"a live replica group has {state['group_world_size']} ranks and this one "
+                              f"{self.ctx.world_size}; replica groups of one job must have the same size "
+                              "(their shards are exchanged rank by rank)")
+        with torch.no_grad():
+            for name, p in self._shards.items():
+                p.to_local().copy_(state["model"][name])
+        for name, p in self._shards.items():
+            self.optimizer.state[p] = {
+                key: (DTensor.from_local(value.to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                                         stride=p.stride()) if key != "step" else value)
+                for key, value in state["optimizer"][name].items()}
+        self.healed_from = self.step
+        self.counters.load_state_dict(state["progress"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.metrics = dict(state["metrics"])
+
+    # ---- the step -------------------------------------------------------------------------
+    def restore(self, which: str = "latest"):
+        manifest = super().restore(which)
+        self.replicas.set_step(self.step)
+        return manifest
+
+    def train_step(self) -> torch.Tensor | None:
+        ctx, train = self.ctx, self.config.train
+        self.replica_rank, self.num_replicas = self.replicas.start_step()
+        self._announce_once()  # before this group's first commit, which no other group can have made
+        position = self.sampler.state_dict()
+        batch = self.sampler.take(train.global_batch_size)
+        mine = batch.deal(self.replica_rank, self.num_replicas).deal(ctx.rank, ctx.world_size)
+        self.accumulation = max(1, math.ceil(len(mine) / self.micro_batch))
+        # FSDP2 averages over the group's W ranks, torchft sums over the replicas: G / W makes it the
+        # global batch's mean gradient whatever the shares.
+        loss_sum = self._forward_backward(mine, train.global_batch_size / ctx.world_size)
+        stopping = torch.tensor([1.0 if self._stop_asked else 0.0], device=ctx.device)
+        grads = [p.grad.to_local() for p in self.model.parameters() if p.grad is not None]
+        self.replicas.sum_across([*grads, loss_sum.view(1), stopping])
+        norm = self._gradient_norm()
+        self._check_finite(loss_sum, norm)
+        if not self.replicas.commit():
+            self.sampler.load_state_dict(position)  # dealt again over the next quorum
+            self.optimizer.zero_grad(set_to_none=True)
+            self.uncommitted += 1
+            return None
+        if self._stop_asked:  # every replica that was asked to stop said so in this step's sum
+            self._leave = "all" if stopping.item() >= self.num_replicas else "alone"
+        if self.config.data.record_indices and ctx.is_main:
+            self._write(f"samples/replica_{self.ft.replica_id}.jsonl", {
+                "step": self.step, "time": time.time(), "replica_id": self.ft.replica_id,
+                "replicas": self.num_replicas, "epochs": batch.epochs.tolist(),
+                "positions": batch.positions.tolist(), "indices": batch.indices.tolist()})
+        self._apply(norm)
+        return loss_sum
+
+    # ---- who writes what --------------------------------------------------------------------
+    @property
+    def writer(self) -> bool:
+        """The lowest live replica writes the persistent checkpoints and the metrics."""
+        return self.replica_rank == 0 and not self.left_alone
+
+    def save(self, tags: list[str], blocking: bool) -> None:
+        if self.writer:
+            super().save(tags, blocking)
+
+    def _log(self, kind: str, record: dict) -> None:
+        if self.writer:
+            super()._log(kind, {**record, "replicas": self.num_replicas})
+
+    def _announce_start(self, fields: dict) -> None:
+        # Written after the first quorum, when this group knows whether it healed: a start from a
+        # checkpoint rolls back the steps after it, a heal does not (dtrain/report.py).
+        self._pending_start = {**fields, "replica_id": self.ft.replica_id}
+
+    def _announce_once(self) -> None:
+        if self._pending_start is None:
+            return
+        fields, self._pending_start = self._pending_start, None
+        step = self.step
+        if self.healed_from is not None:
+            event = dict(event="heal", from_step=self.healed_from)
+        else:
+            event = dict(event="start" if step == 0 else "resume")
+        name = event.pop("event")
+        on_main(self.ctx, lambda: self.run.event(name, step=step, leg=self.leg, samples_seen=self.samples_seen,
+                                                 replicas=self.num_replicas, **event, **fields))
+
+    def _end_fields(self) -> dict:
+        return {"replica_id": self.ft.replica_id, "replicas": self.num_replicas,
+                "uncommitted_steps": self.uncommitted, "weights_digest": self._weights_digest()}
+
+    def _weights_digest(self) -> str:
+        """SHA-256 over the group's weights, rank by rank: equal across replica groups in sync."""
+        local = hashlib.sha256()
+        for name, p in sorted(self._shards.items()):
+            local.update(name.encode())
+            local.update(p.to_local().detach().cpu().contiguous().numpy().tobytes())
+        digests = [None] * self.ctx.world_size
+        dist.all_gather_object(digests, local.hexdigest())
+        return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
+
+    def _stop_now(self) -> bool:
+        """A signalled group says so in the next step's sum; then it knows whether every replica
+        stops (the writer saves, as a job without replicas does) or only this one (it leaves
+        without a save: the others hold the state)."""
+        self._stop_asked = True
+        if self._leave is None:
+            return False
+        self.left_alone = self._leave == "alone"
+        return True
+
+    def fit(self, stop_at_step=None) -> dict:
+        try:
+            return super().fit(stop_at_step)
+        finally:
+            self.replicas.close()

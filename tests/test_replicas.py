@@ -1,0 +1,64 @@
+"""Replica groups on torchft (docs/fault-tolerance.md): a real lighthouse and real torchrun groups.
+
+The survivors of a lost group keep their processes and commit again within seconds; a group that
+comes back heals from a live peer; every sample of every epoch is trained exactly once."""
+import signal
+import subprocess
+
+import pytest
+
+from conftest import launch, read_jsonl
+from replica_groups import committed_step, group, kill_node, lighthouse, wait_for
+from loopback_nodes import children
+
+pytest.importorskip("torchft")
+
+ARGS = ["--preset", "tiny", "--train.log_interval=1", "--train.eval_interval=0", "--data.record_indices=true",
+        "--data.train_samples=4800", "--train.global_batch_size=16", "--train.max_steps=0",
+        "--train.num_epochs=1", "--checkpoint.interval_steps=40", "--fault_tolerance.group_size=3",
+        "--fault_tolerance.timeout=3"]
+
+
+def report(run_dir):
+    result = subprocess.run(["dtrain", "report", str(run_dir)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def replica_events(run_dir, replica_id, kind=None):
+    return [e for e in read_jsonl(run_dir / "events.jsonl")
+            if e.get("replica_id") == replica_id and (kind is None or e["event"] == kind)]
+
+
+def finish(processes, timeout=240):
+    for process in processes:
+        assert process.wait(timeout=timeout) == 0
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_survivor_keeps_training_and_a_returning_group_heals(tmp_path, nproc):
+    run_dir, args = tmp_path / "run", [*ARGS, "--run-dir", str(tmp_path / "run")]
+    with lighthouse() as url:
+        r0 = group(url, 0, args, tmp_path / "r0.log", nproc)
+        r1 = group(url, 1, args, tmp_path / "r1.log", nproc)
+        try:
+            wait_for(lambda: committed_step(run_dir) >= 15)
+            workers = children(r0.pid)
+            kill_node(r1)  # the whole tree: script, torchrun agent, workers
+            killed_at = committed_step(run_dir)
+            wait_for(lambda: committed_step(run_dir) >= killed_at + 3, timeout=60)
+            assert children(r0.pid) == workers  # the survivor was never restarted
+            r1 = group(url, 1, args, tmp_path / "r1.log", nproc)
+            finish([r0, r1])
+        finally:
+            for process in (r0, r1):
+                if process.poll() is None:
+                    kill_node(process)
+    heal, = replica_events(run_dir, 1, "heal")
+    assert heal["step"] > max(heal["from_step"], killed_at)
+    assert len(replica_events(run_dir, 0, "start")) == 1 and not replica_events(run_dir, 0, "heal")
+    ends = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "end"]
+    assert len(ends) == 2 and ends[0]["weights_digest"] == ends[1]["weights_digest"]
+    assert ends[0]["step"] == 300
+    text = report(run_dir)
+    assert "epoch 0: 4800 samples, 0 repeated, 0 missing: exactly once" in text and text.endswith("OK\n")
