@@ -35,8 +35,7 @@ def finish(processes, timeout=240):
         assert process.wait(timeout=timeout) == 0
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_survivor_keeps_training_and_a_returning_group_heals(tmp_path, nproc):
+def test_survivor_keeps_training_and_a_returning_group_heals(tmp_path, nproc=1):
     run_dir, args = tmp_path / "run", [*ARGS, "--run-dir", str(tmp_path / "run")]
     with lighthouse() as url:
         r0 = group(url, 0, args, tmp_path / "r0.log", nproc)
@@ -60,5 +59,55 @@ def test_survivor_keeps_training_and_a_returning_group_heals(tmp_path, nproc):
     ends = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "end"]
     assert len(ends) == 2 and ends[0]["weights_digest"] == ends[1]["weights_digest"]
     assert ends[0]["step"] == 300
+    assert_exactly_once(run_dir)
+    # The same losses as one process without torchft (the float sums only run in another order).
+    plain = tmp_path / "plain"
+    assert launch([*ARGS[:-2], "--run-dir", str(plain)]).returncode == 0
+    expected = {r["step"]: r["loss"] for r in read_jsonl(plain / "metrics.jsonl") if r["kind"] == "train"}
+    got = {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "train"}
+    assert got.keys() == expected.keys()
+    assert all(abs(got[s] - expected[s]) <= 1e-6 * abs(expected[s]) for s in got)
+
+
+def assert_exactly_once(run_dir, samples=4800):
     text = report(run_dir)
-    assert "epoch 0: 4800 samples, 0 repeated, 0 missing: exactly once" in text and text.endswith("OK\n")
+    assert f"epoch 0: {samples} samples, 0 repeated, 0 missing: exactly once" in text and text.endswith("OK\n"), text
+
+
+def test_sigterm_to_one_group_leaves_the_others_training_to_all_saves_and_any_shape_resumes(tmp_path):
+    """2 groups x 2 ranks (FSDP2 inside each): SIGTERM to one group, then to both; then the job
+    starts again as 1 group of 1 rank from the persistent checkpoint."""
+    run_dir, args = tmp_path / "run", [*ARGS, "--run-dir", str(tmp_path / "run")]
+    with lighthouse() as url:
+        r0 = group(url, 0, args, tmp_path / "r0.log", 2)
+        r1 = group(url, 1, args, tmp_path / "r1.log", 2)
+        try:
+            wait_for(lambda: committed_step(run_dir) >= 10)
+            workers = children(r0.pid)
+            kill_node(r1, signal.SIGTERM)
+            r1.wait(timeout=60)
+            left, = replica_events(run_dir, 1, "stop")
+            assert left["reason"] == "SIGTERM"
+            wait_for(lambda: committed_step(run_dir) >= left["step"] + 5, timeout=60)
+            assert children(r0.pid) == workers
+            assert not [e for e in read_jsonl(run_dir / "events.jsonl")  # the survivor did not save for it
+                        if e["event"] == "checkpoint" and e["step"] % 40]
+            r1 = group(url, 1, args, tmp_path / "r1.log", 2)
+            wait_for(lambda: replica_events(run_dir, 1, "heal"), timeout=60)
+            wait_for(lambda: committed_step(run_dir) >= replica_events(run_dir, 1, "heal")[0]["step"] + 3)
+            for process in (r0, r1):
+                kill_node(process, signal.SIGTERM)
+            for process in (r0, r1):
+                process.wait(timeout=60)
+        finally:
+            for process in (r0, r1):
+                if process.poll() is None:
+                    kill_node(process)
+    stops = [replica_events(run_dir, i, "stop")[-1] for i in (0, 1)]
+    assert stops[0]["step"] == stops[1]["step"] and stops[0]["reason"] == "SIGTERM"
+    last = max(e["step"] for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "checkpoint")
+    assert last == stops[0]["step"]  # the agreed save of every replica stopping
+    with lighthouse() as url:  # the next start: one group of one rank
+        assert group(url, 0, [*args, "--fault_tolerance.group_size=1"], tmp_path / "again.log").wait(240) == 0
+    assert f"resuming from step_{last:08d}" in (tmp_path / "again.log").read_text()
+    assert_exactly_once(run_dir)
