@@ -93,7 +93,7 @@ class ReplicaTrainer(Trainer):
     def train_step(self) -> torch.Tensor | None:
         ctx, train = self.ctx, self.config.train
         self.replica_rank, self.num_replicas = self.replicas.start_step()
-        self._announce_once()  # before this group's first commit, which no other group can have made
+        self._announce()  # before this group's first commit, which no other group can have made
         position = self.sampler.state_dict()
         batch = self.sampler.take(train.global_batch_size)
         mine = batch.deal(self.replica_rank, self.num_replicas).deal(ctx.rank, ctx.world_size)
@@ -140,18 +140,19 @@ class ReplicaTrainer(Trainer):
         # checkpoint rolls back the steps after it, a heal does not (dtrain/report.py).
         self._pending_start = {**fields, "replica_id": self.ft.replica_id}
 
-    def _announce_once(self) -> None:
-        if self._pending_start is None:
+    def _announce(self) -> None:
+        """This group's start (from a checkpoint or a heal) once, and every later heal (a group that
+        was frozen or cut off finds itself behind)."""
+        if self._pending_start is None and self.healed_from is None:
             return
-        fields, self._pending_start = self._pending_start, None
-        step = self.step
-        if self.healed_from is not None:
-            event = dict(event="heal", from_step=self.healed_from)
+        fields, self._pending_start = self._pending_start or {"replica_id": self.ft.replica_id}, None
+        step, healed_from, self.healed_from = self.step, self.healed_from, None
+        if healed_from is not None:
+            name, fields = "heal", {**fields, "from_step": healed_from}
         else:
-            event = dict(event="start" if step == 0 else "resume")
-        name = event.pop("event")
+            name = "start" if step == 0 else "resume"
         on_main(self.ctx, lambda: self.run.event(name, step=step, leg=self.leg, samples_seen=self.samples_seen,
-                                                 replicas=self.num_replicas, **event, **fields))
+                                                 replicas=self.num_replicas, **fields))
 
     def _end_fields(self) -> dict:
         return {"replica_id": self.ft.replica_id, "replicas": self.num_replicas,

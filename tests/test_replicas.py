@@ -70,8 +70,10 @@ def test_survivor_keeps_training_and_a_returning_group_heals(tmp_path, nproc=1):
 
 
 def assert_exactly_once(run_dir, samples=4800):
+    """``dtrain report`` finds every sample of epoch 0 once (the whole epoch unless samples is None)."""
     text = report(run_dir)
-    assert f"epoch 0: {samples} samples, 0 repeated, 0 missing: exactly once" in text and text.endswith("OK\n"), text
+    assert text.endswith("OK\n") and " 0 repeated, 0 missing: exactly once" in text, text
+    assert samples is None or f"epoch 0: {samples} samples" in text, text
 
 
 def test_sigterm_to_one_group_leaves_the_others_training_to_all_saves_and_any_shape_resumes(tmp_path):
@@ -111,3 +113,38 @@ def test_sigterm_to_one_group_leaves_the_others_training_to_all_saves_and_any_sh
         assert group(url, 0, [*args, "--fault_tolerance.group_size=1"], tmp_path / "again.log").wait(240) == 0
     assert f"resuming from step_{last:08d}" in (tmp_path / "again.log").read_text()
     assert_exactly_once(run_dir)
+
+
+def test_three_groups_lose_two_a_killed_and_a_frozen_one_both_return_and_a_lost_lighthouse_ends_in_one_line(
+        tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*ARGS, "--run-dir", str(run_dir), "--data.train_samples=9600", "--fault_tolerance.quorum_timeout=3",
+            "--fault_tolerance.quorum_retries=0"]
+    logs = [tmp_path / f"r{i}.log" for i in range(3)]
+    with lighthouse() as url:
+        groups = [group(url, i, args, logs[i]) for i in range(3)]
+        try:
+            wait_for(lambda: committed_step(run_dir) >= 10)
+            workers = children(groups[0].pid)
+            kill_node(groups[1])
+            at = committed_step(run_dir)
+            wait_for(lambda: committed_step(run_dir) >= at + 3, timeout=60)
+            kill_node(groups[2], signal.SIGSTOP)  # frozen: dropped within the timeout
+            at = committed_step(run_dir)
+            wait_for(lambda: committed_step(run_dir) >= at + 3, timeout=60)
+            groups[1] = group(url, 1, args, logs[1])
+            wait_for(lambda: replica_events(run_dir, 1, "heal"), timeout=60)
+            kill_node(groups[2], signal.SIGCONT)  # it finds itself behind and heals too
+            wait_for(lambda: replica_events(run_dir, 2, "heal"), timeout=60)
+            assert children(groups[0].pid) == workers
+        except BaseException:
+            for process in groups:
+                kill_node(process)
+            raise
+    # The lighthouse is gone: every group stops in one line, nothing torn.
+    for i, process in enumerate(groups):
+        assert process.wait(timeout=60) == 1
+        lines = logs[i].read_text().splitlines()  # ours, then torchrun's own report of a failed worker
+        assert any(line.startswith("python -m dtrain.train: error: the torchft lighthouse at") for line in lines)
+    assert_exactly_once(run_dir, samples=None)
+    assert report(run_dir).count("healed") == 2
