@@ -28,11 +28,13 @@ def lighthouse(min_replicas: int = 1, join_timeout_ms: int = 500, heartbeat_time
 
 
 def group(url: str, replica_id: int, args: list[str], log: Path, nproc: int = 1,
-          env: dict | None = None) -> subprocess.Popen:
-    """One replica group: ``torchrun --standalone`` of ``nproc`` ranks. Output goes to ``log``."""
+          env: dict | None = None, script: Path | None = None) -> subprocess.Popen:
+    """One replica group: ``torchrun --standalone`` of ``nproc`` ranks of dtrain.train (or of a
+    helper ``script`` that wraps it). Output goes to ``log``."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHFT_LIGHTHOUSE": url, "RUST_LOG": "warn",
                 **(env or {})}
-    command = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "dtrain.train",
+    entry = [str(script)] if script else ["-m", "dtrain.train"]
+    command = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *entry,
                *args, "--fault_tolerance.enable=true", f"--fault_tolerance.replica_id={replica_id}"]
     return subprocess.Popen(command, stdout=open(log, "a"), stderr=subprocess.STDOUT,
                             start_new_session=True, env=full_env, cwd=Path(__file__).parent.parent)

@@ -4,6 +4,7 @@ The survivors of a lost group keep their processes and commit again within secon
 comes back heals from a live peer; every sample of every epoch is trained exactly once."""
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +149,33 @@ def test_three_groups_lose_two_a_killed_and_a_frozen_one_both_return_and_a_lost_
         assert any(line.startswith("python -m dtrain.train: error: the torchft lighthouse at") for line in lines)
     assert_exactly_once(run_dir, samples=None)
     assert report(run_dir).count("healed") == 2
+
+
+def test_a_writer_killed_mid_save_and_a_source_killed_mid_heal_lose_nothing(tmp_path):
+    """Replica 0 dies writing step 40: replica 1 writes the next checkpoint, the torn one never
+    counts. Replica 1 dies serving replica 0's heal: replica 0 goes on alone from the newest
+    checkpoint, and the steps replica 1 took past it are rolled back."""
+    run_dir = tmp_path / "run"
+    args = [*ARGS, "--run-dir", str(run_dir), "--data.train_samples=9600"]
+    faults = Path(__file__).parent / "helpers/replica_faults.py"
+    with lighthouse() as url:
+        r0 = group(url, 0, args, tmp_path / "r0.log", env={"DTRAIN_TEST_KILL_IN": "step_00000040"}, script=faults)
+        r1 = group(url, 1, args, tmp_path / "r1.log", env={"DTRAIN_TEST_DIE_SERVING": "1"}, script=faults)
+        try:
+            assert r0.wait(timeout=120) != 0
+            assert not (run_dir / "checkpoints/step_00000040/manifest.json").exists()
+            wait_for(lambda: (run_dir / "checkpoints/step_00000080/manifest.json").exists())
+            r0 = group(url, 0, args, tmp_path / "r0.log")
+            assert r1.wait(timeout=120) != 0  # asked for the state, it died
+            wait_for(lambda: replica_events(run_dir, 0, "resume"), timeout=60)
+            r1 = group(url, 1, args, tmp_path / "r1.log")
+            finish([r0, r1])
+        finally:
+            for process in (r0, r1):
+                if process.poll() is None:
+                    kill_node(process)
+    resumed, = replica_events(run_dir, 0, "resume")
+    assert resumed["step"] >= 80 and replica_events(run_dir, 1, "heal")
+    ends = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "end"]
+    assert len(ends) == 2 and ends[0]["weights_digest"] == ends[1]["weights_digest"]
+    assert_exactly_once(run_dir, samples=9600)
