@@ -2,17 +2,26 @@
 
 The survivors of a lost group keep their processes and commit again within seconds; a group that
 comes back heals from a live peer; every sample of every epoch is trained exactly once."""
+import http.server
+import io
+import math
+import os
+import pickle
 import signal
 import subprocess
+import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import launch, read_jsonl
 from replica_groups import committed_step, group, kill_node, lighthouse, wait_for
 from loopback_nodes import children
 
 pytest.importorskip("torchft")
+from dtrain.replicas import PeerStateTransport  # noqa: E402
 
 ARGS = ["--preset", "tiny", "--train.log_interval=1", "--train.eval_interval=0", "--data.record_indices=true",
         "--data.train_samples=4800", "--train.global_batch_size=16", "--train.max_steps=0",
@@ -179,3 +188,54 @@ def test_a_writer_killed_mid_save_and_a_source_killed_mid_heal_lose_nothing(tmp_
     ends = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "end"]
     assert len(ends) == 2 and ends[0]["weights_digest"] == ends[1]["weights_digest"]
     assert_exactly_once(run_dir, samples=9600)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Payload.marker}",))
+
+
+def test_the_heal_transport_serves_state_on_the_job_address_and_never_runs_code_it_receives(tmp_path):
+    transport = PeerStateTransport("127.0.0.1", timedelta(seconds=5))
+    try:
+        assert transport.metadata().startswith("http://127.0.0.1:")
+        state = {"model": {"w": torch.arange(6.0)}, "progress": {"step": 7, "best": {"val_mse": math.inf}}}
+        transport.send_checkpoint([1], 7, state, None)
+        got = transport.recv_checkpoint(0, transport.metadata(), 7, None)
+        assert torch.equal(got["model"]["w"], state["model"]["w"]) and got["progress"]["step"] == 7
+        transport.disallow_checkpoint()
+    finally:
+        transport.shutdown()
+    # A hostile peer (or anything that reaches the port) answers with a pickle that runs a command.
+    _Payload.marker = tmp_path / "ran"
+    hostile = io.BytesIO()
+    torch.save({"user": _Payload()}, hostile)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(hostile.getvalue())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(pickle.UnpicklingError):
+            transport.recv_checkpoint(0, f"http://127.0.0.1:{server.server_address[1]}/state/", 7, None)
+    finally:
+        server.shutdown()
+    assert not _Payload.marker.exists()
+
+
+def test_replica_options_are_checked_in_one_line(tmp_path):
+    result = launch(["--preset", "tiny", "--run-dir", str(tmp_path / "a"), "--fault_tolerance.enable=true"],
+                    env={"TORCHFT_LIGHTHOUSE": ""})
+    assert result.returncode == 2 and "needs TORCHFT_LIGHTHOUSE=http://HOST:PORT" in result.stderr
+    result = launch(["--preset", "tiny", "--run-dir", str(tmp_path / "a"), "--fault_tolerance.enable=true",
+                     "--fault_tolerance.replica_id=2", "--fault_tolerance.group_size=2"],
+                    env={"TORCHFT_LIGHTHOUSE": "http://127.0.0.1:1"})
+    assert result.returncode == 2 and "replica_id=2 is outside 0..1" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
