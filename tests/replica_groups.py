@@ -8,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from loopback_nodes import BIN, free_port, kill_node, wait_for  # noqa: F401  (re-exported)
+from loopback_nodes import BIN, ROOT, free_port, kill_node, wait_for  # noqa: F401  (re-exported)
 
 
 @contextlib.contextmanager
@@ -33,11 +33,15 @@ def group(url: str, replica_id: int, args: list[str], log: Path, nproc: int = 1,
     helper ``script`` that wraps it). Output goes to ``log``."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHFT_LIGHTHOUSE": url, "RUST_LOG": "warn",
                 **(env or {})}
-    entry = [str(script)] if script else ["-m", "dtrain.train"]
-    command = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *entry,
-               *args, "--fault_tolerance.enable=true", f"--fault_tolerance.replica_id={replica_id}"]
+    if script is None:  # the launch script users run
+        full_env.update(LIGHTHOUSE=url.removeprefix("http://"), REPLICA_ID=str(replica_id), NPROC=str(nproc),
+                        PATH=f"{BIN}:{os.environ['PATH']}")
+        command = ["bash", str(ROOT / "launch/replicas.sh"), *args]
+    else:
+        command = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(script), *args,
+                   "--fault_tolerance.enable=true", f"--fault_tolerance.replica_id={replica_id}"]
     return subprocess.Popen(command, stdout=open(log, "a"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env=full_env, cwd=Path(__file__).parent.parent)
+                            start_new_session=True, env=full_env, cwd=ROOT)
 
 
 def committed_step(run_dir: Path) -> int:

@@ -115,10 +115,13 @@ def test_sigterm_to_one_group_leaves_the_others_training_to_all_saves_and_any_sh
             for process in (r0, r1):
                 if process.poll() is None:
                     kill_node(process)
+    # Groups signalled in the same step stop together and the writer saves; a group signalled
+    # first leaves alone, and the last one saves: either way the newest checkpoint is the end.
     stops = [replica_events(run_dir, i, "stop")[-1] for i in (0, 1)]
-    assert stops[0]["step"] == stops[1]["step"] and stops[0]["reason"] == "SIGTERM"
-    last = max(e["step"] for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "checkpoint")
-    assert last == stops[0]["step"]  # the agreed save of every replica stopping
+    assert all(stop["reason"] == "SIGTERM" for stop in stops)
+    saves = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "checkpoint"]
+    last = max(e["step"] for e in saves)
+    assert last == max(stop["step"] for stop in stops)
     with lighthouse() as url:  # the next start: one group of one rank
         assert group(url, 0, [*args, "--fault_tolerance.group_size=1"], tmp_path / "again.log").wait(240) == 0
     assert f"resuming from step_{last:08d}" in (tmp_path / "again.log").read_text()
