@@ -80,8 +80,12 @@ def replica_job(args, failures: bool) -> dict:
         if heal is not None:
             to_heal.append(heal["time"] - relaunch)
             heal_to_commit.append(min(r["time"] for r in lines if r["step"] > heal["step"]) - heal["time"])
+    # Where the wall-clock went, for the goodput breakdown: the job's own start-up, and the
+    # survivor's rate while it trained alone (between its first commit after a kill and the heal).
+    alone = [r for kill, heal in zip(kills, to_heal) for r in lines if kill + 2 < r["time"] < kill + heal]
     report = check_run(RunDirectory(str(run_dir)))
     return {"run_dir": run_dir, "wall": wall, "committed": committed, "rate": steady_rate(lines, batch),
+            "startup": lines[0]["time"] - started, "alone_rate": steady_rate(alone, batch) if len(alone) > 2 else None,
             "failures": len(kills), "to_commit": to_commit, "to_heal": to_heal, "heal_to_commit": heal_to_commit,
             "report": report, "text": format_report(report)}
 
@@ -141,6 +145,16 @@ def main() -> None:
     print(f"| healed -> its first committed step (s) | {med(failing['heal_to_commit'])} |")
     print(f"| steps lost | {failing['report']['steps_lost']} |")
     print(f"| goodput (committed samples / uninterrupted rate x wall) | {goodput:.1%} |")
+    # The seconds of full-rate training the failing run did not get, by cause (approximate: the
+    # survivor's rate alone is taken from the steady part of its time alone).
+    short = failing["wall"] - failing["committed"] / calm["rate"]
+    stalls = sum(failing["to_commit"])
+    alone = (sum(failing["to_heal"]) * (1 - failing["alone_rate"] / calm["rate"])
+             if failing["alone_rate"] else 0.0)
+    print(f"\nseconds short of the uninterrupted job over {failing['wall']:.0f} s: {short:.1f}, of which the "
+          f"job's start-up {failing['startup']:.1f}, the survivor's stalls after the kills {stalls:.1f}, its "
+          f"{sum(failing['to_heal']):.1f} s alone at {failing['alone_rate'] or 0:.0f} samples/s (half the "
+          f"groups) {alone:.1f}, the rest {short - failing['startup'] - stalls - alone:.1f}")
     if baseline is not None:
         print(f"\ntorchrun restart path on the same schedule (goodput.py 'interval only', 2 ranks): "
               f"{baseline['useful']:.1%} useful, {baseline['lost']:.1f} steps lost per failure")

@@ -28,6 +28,10 @@ def plot_run(run: RunDirectory | str, path: str) -> Path:
         ax.axhline(evals[-1]["kmeans_mse"], color="green", ls=":", label="k-means (true K), validation")
         ax.axhline(evals[-1]["trivial_mse"], color="gray", ls=":", label="set mean, validation")
     for i, leg in enumerate(report["legs"]):
+        if "replica_id" in leg:  # replica groups (docs/fault-tolerance.md): mark where a group healed
+            if leg["how"] == "healed":
+                ax.axvline(leg["from_step"], color="tab:green", ls=":", lw=1, label="a replica group healed")
+            continue
         if i:
             ax.axvline(leg["from_step"], color="tab:blue", ls="--", lw=1,
                        label="resume" if i == 1 else None)

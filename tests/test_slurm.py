@@ -100,3 +100,37 @@ def test_a_job_out_of_time_shrunk_and_preempted_finishes_with_every_sample_once(
     stops = [e for e in events if e["event"] == "stop"]
     saves = {e["step"] for e in events if e["event"] == "checkpoint" and "preempted" in e["tags"]}
     assert len(stops) == 2 and {e["step"] for e in stops} <= saves
+
+
+def test_replica_groups_under_slurm_heal_a_crashed_group_in_place(tmp_path):
+    """launch/slurm-replicas.sbatch: the lighthouse and two replica groups as SLURM tasks. One
+    group's processes are SIGKILLed: its task starts it again, it heals, the job completes."""
+    pytest.importorskip("torchft")
+    run_dir = tmp_path / "run"
+    with Cluster(tmp_path / "slurm", cpus=2) as cluster:
+        cluster.env.update(RUN_DIR=str(run_dir), OMP_NUM_THREADS="1", RUST_LOG="warn")
+        submitted = cluster.run(
+            "sbatch", "--ntasks=2", "--cpus-per-task=1", "--chdir", str(REPO),
+            "--output", str(cluster.dir / "job.out"), str(REPO / "launch/slurm-replicas.sbatch"),
+            "--preset", "tiny", "--data.train_samples=4800", "--train.global_batch_size=16",
+            "--train.max_steps=0", "--train.num_epochs=1", "--train.eval_interval=0", "--train.log_interval=1",
+            "--data.record_indices=true", "--fault_tolerance.timeout=3")
+        job = submitted.stdout.split()[-1]
+
+        def step():
+            rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+            return rows[-1]["step"] if rows else 0
+
+        wait_for("training to start", lambda: step() >= 20, 120, cluster)
+        subprocess.run(["pkill", "-KILL", "-f", "fault_tolerance.replica_id=1"], check=True)
+        final = wait_for("the job to end", lambda: cluster.job(job) if cluster.job(job)["JobState"] in (
+            "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None, 240, cluster)
+        output = (cluster.dir / "job.out").read_text()
+    assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", output[-3000:]
+    assert "dtrain: replica group 1 exited" in output and "starting it again to heal" in output
+    events = read_jsonl(run_dir / "events.jsonl")
+    assert [e["replica_id"] for e in events if e["event"] == "heal"] == [1]
+    assert sorted(e["replica_id"] for e in events if e["event"] == "end") == [0, 1]
+    result = subprocess.run([sys.executable, "-m", "dtrain.cli", "report", str(run_dir)], capture_output=True,
+                            text=True)
+    assert "0 repeated, 0 missing: exactly once" in result.stdout and result.stdout.endswith("OK\n"), result.stdout
