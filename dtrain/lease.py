@@ -69,7 +69,7 @@ class RunLease:
         self.run, self.ttl_s, self.shared = run, ttl_s, job_id is not None
         self.me = {"id": job_id or uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
                    "pid_started": _process_start(os.getpid()), "job": job_id or launcher_job(),
-                   "acquired": time.time(), "ttl_s": ttl_s}
+                   "acquired": time.time(), "ttl_s": ttl_s, "shared": self.shared}
         self.lost: str = ""  # why the lease was lost, once it was
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -99,7 +99,9 @@ class RunLease:
             return f"not renewed for {age:.0f} s"
         if age < -ttl:
             return "it claims a renewal in the future"
-        if holder.get("host") == self.me["host"] and not _alive(pid, str(holder.get("pid_started", ""))):
+        # A shared lease names whichever process renewed it last: that one's end is not the job's.
+        if (holder.get("host") == self.me["host"] and not holder.get("shared")
+                and not _alive(pid, str(holder.get("pid_started", "")))):
             return f"its process {pid} on this host is gone"
         if holder.get("job") and holder.get("job") == self.me["job"]:
             return f"it belongs to this job's earlier start ({holder['job']})"
@@ -157,11 +159,13 @@ class RunLease:
                          "without committing anything more")
             raise LeaseLost(self.lost)
 
-    def release(self) -> None:
+    def release(self, job_over: bool = False) -> None:
+        """Stop renewing; delete the lease if it is ours alone, or if ``job_over`` (a shared lease:
+        the last writer of a job that finished or stopped whole)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self.lost or self.shared:
+        if self.lost or (self.shared and not job_over):
             return
         try:
             holder = self._read() or {}

@@ -26,10 +26,11 @@ from torch.distributed.tensor import DTensor
 
 from .dist import on_main
 from .errors import ConfigError
-from .replicas import FaultTolerance, ReplicaGroup
+from .replicas import FaultTolerance, ReplicaError, ReplicaGroup
 from .trainer import Trainer
 
 HEAL_FORMAT = 1
+MAX_UNCOMMITTED = 20  # steps in a row; a failure costs one or two
 
 
 class ReplicaTrainer(Trainer):
@@ -47,6 +48,8 @@ class ReplicaTrainer(Trainer):
         self._stop_asked = False
         self._leave: str | None = None  # "all" or "alone", decided one step after a signal
         self._pending_start: dict | None = None
+        self._uncommitted_in_a_row = 0
+        self._start_fields: dict = {}
 
     # ---- state that travels in a heal -------------------------------------------------------
     def _heal_state(self) -> dict:
@@ -92,12 +95,18 @@ class ReplicaTrainer(Trainer):
 
     def train_step(self) -> torch.Tensor | None:
         ctx, train = self.ctx, self.config.train
+        was_writer = self.writer
         self.replica_rank, self.num_replicas = self.replicas.start_step()
+        if was_writer and not self.writer:
+            self.checkpoints.wait()  # a returning lower replica writes from now on: finish ours first
         self._announce()  # before this group's first commit, which no other group can have made
         position = self.sampler.state_dict()
         batch = self.sampler.take(train.global_batch_size)
-        mine = batch.deal(self.replica_rank, self.num_replicas).deal(ctx.rank, ctx.world_size)
-        self.accumulation = max(1, math.ceil(len(mine) / self.micro_batch))
+        ours = batch.deal(self.replica_rank, self.num_replicas)
+        mine = ours.deal(ctx.rank, ctx.world_size)
+        # The same number of micro-batches on every rank of the group (shares differ by one sample):
+        # FSDP2's collectives must pair up.
+        self.accumulation = max(1, math.ceil(math.ceil(len(ours) / ctx.world_size) / self.micro_batch))
         # FSDP2 averages over the group's W ranks, torchft sums over the replicas: G / W makes it the
         # global batch's mean gradient whatever the shares.
         loss_sum = self._forward_backward(mine, train.global_batch_size / ctx.world_size)
@@ -105,12 +114,19 @@ class ReplicaTrainer(Trainer):
         grads = [p.grad.to_local() for p in self.model.parameters() if p.grad is not None]
         self.replicas.sum_across([*grads, loss_sum.view(1), stopping])
         norm = self._gradient_norm()
-        self._check_finite(loss_sum, norm)
-        if not self.replicas.commit():
+        sound = self._agree_in_group(loss_sum, norm)
+        if not self.replicas.commit() or not sound:
             self.sampler.load_state_dict(position)  # dealt again over the next quorum
             self.optimizer.zero_grad(set_to_none=True)
             self.uncommitted += 1
+            self._uncommitted_in_a_row += 1
+            if self._uncommitted_in_a_row >= MAX_UNCOMMITTED:
+                raise ReplicaError(
+                    f"{MAX_UNCOMMITTED} steps in a row were not committed (replica groups of different "
+                    "sizes or options, or a network that drops the cross-group all-reduce); this group "
+                    "stops: start every group with the same options and --nproc_per_node")
             return None
+        self._uncommitted_in_a_row = 0
         if self._stop_asked:  # every replica that was asked to stop said so in this step's sum
             self._leave = "all" if stopping.item() >= self.num_replicas else "alone"
         if self.config.data.record_indices and ctx.is_main:
@@ -120,6 +136,26 @@ class ReplicaTrainer(Trainer):
                 "positions": batch.positions.tolist(), "indices": batch.indices.tolist()})
         self._apply(norm)
         return loss_sum
+
+    def _agree_in_group(self, loss_sum: torch.Tensor, norm: torch.Tensor) -> bool:
+        """One all-reduce over the group: is the step sound on every rank? A rank whose cross-group
+        sum failed only fails the commit (its buffers are undefined, so the finiteness verdict
+        waits for a step that sums); ranks at different steps mean a heal reached only some of
+        them, which no later quorum can see: the group stops and starts again."""
+        errored = self.replicas.manager.errored() is not None
+        finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(norm))
+        flags = torch.tensor([0.0 if errored else 1.0, 1.0 if finite or errored else 0.0,
+                              float(self.step), -float(self.step)], dtype=torch.float64)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        summed, finite_everywhere, lowest, highest = flags[0].item(), flags[1].item(), flags[2].item(), -flags[3].item()
+        if lowest != highest:
+            raise ReplicaError(f"a heal reached only some ranks of replica group {self.ft.replica_id} (steps "
+                               f"{lowest:.0f} and {highest:.0f}); it stops without committing, start it again "
+                               "to heal the whole group")
+        if summed and not finite_everywhere:
+            raise self._diverged(f"the loss or gradient norm ({norm.item():.3g}) of the step after step "
+                                 f"{self.step} is not finite; that step was not applied")
+        return bool(summed)
 
     # ---- who writes what --------------------------------------------------------------------
     @property
@@ -145,7 +181,8 @@ class ReplicaTrainer(Trainer):
         was frozen or cut off finds itself behind)."""
         if self._pending_start is None and self.healed_from is None:
             return
-        fields, self._pending_start = self._pending_start or {"replica_id": self.ft.replica_id}, None
+        fields = self._pending_start or self._start_fields
+        self._start_fields, self._pending_start = fields, None
         step, healed_from, self.healed_from = self.step, self.healed_from, None
         if healed_from is not None:
             name, fields = "heal", {**fields, "from_step": healed_from}

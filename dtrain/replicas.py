@@ -100,11 +100,16 @@ class FaultTolerance:
 
     @property
     def job_id(self) -> str:
-        """The job, as the run directory's lease knows it: every replica group of one lighthouse."""
-        return f"torchft:{os.environ.get('TORCHFT_LIGHTHOUSE', '')}"
+        """The job, as the run directory's lease knows it: every replica group of one SLURM job,
+        else of one lighthouse."""
+        return f"torchft:{os.environ.get('SLURM_JOB_ID') or os.environ.get('TORCHFT_LIGHTHOUSE', '')}"
 
 
-class QuorumLost(DtrainError):
+class ReplicaError(DtrainError):
+    """This replica group cannot go on; started again, it heals or resumes from a checkpoint."""
+
+
+class QuorumLost(ReplicaError):
     """The lighthouse did not answer: this replica cannot know who trains with it."""
 
 
@@ -125,10 +130,9 @@ class PeerStateTransport:
 
     def __init__(self, host: str, timeout: timedelta):
         self._timeout = timeout.total_seconds()
-        self._state: dict | None = None
+        self._state: bytes | None = None
         self._step = -1
         self._allowed = False
-        self._readers = 0
         self._cond = threading.Condition()
         transport = self
 
@@ -159,36 +163,30 @@ class PeerStateTransport:
             if not self._cond.wait_for(lambda: self._allowed and self._step == step, self._timeout):
                 request.send_error(409, f"serving step {self._step}, not {step}")
                 return
-            self._readers += 1
             state = self._state
-        try:
-            buffer = io.BytesIO()
-            torch.save(state, buffer)
-            request.send_response(200)
-            request.send_header("Content-Type", "application/octet-stream")
-            request.send_header("Content-Length", str(buffer.tell()))
-            request.end_headers()
-            request.wfile.write(buffer.getbuffer())
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
+        request.send_response(200)
+        request.send_header("Content-Type", "application/octet-stream")
+        request.send_header("Content-Length", str(len(state)))
+        request.end_headers()
+        request.wfile.write(state)
 
     def metadata(self) -> str:
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"http://{host}:{self._server.server_address[1]}/state/"
 
     def send_checkpoint(self, dst_ranks, step: int, state_dict, timeout) -> None:
+        """Serialise the state now, between steps: a heal that outlasts the step must still get
+        this step's state, never tensors the optimizer has since changed in place."""
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer)
         with self._cond:
-            self._state, self._step, self._allowed = state_dict, step, True
+            self._state, self._step, self._allowed = buffer.getvalue(), step, True
             self._cond.notify_all()
 
     def disallow_checkpoint(self) -> None:
-        """Called before the optimizer step: wait until no peer is still reading the state."""
+        """Called before the optimizer step: no new reader (one in flight reads its own bytes)."""
         with self._cond:
-            self._allowed = False
-            self._cond.wait_for(lambda: self._readers == 0, self._timeout)
-            self._state = None
+            self._allowed, self._state = False, None
 
     def recv_checkpoint(self, src_rank: int, metadata: str, step: int, timeout):
         with urllib.request.urlopen(f"{metadata}{step}", timeout=self._timeout) as response:
@@ -232,6 +230,8 @@ class ReplicaGroup:
         """Join this step's quorum (healing first if this group is behind): (our rank, replicas)."""
         try:
             self.manager.start_quorum()
+        except DtrainError:  # a heal refused (another configuration or group size): its own line
+            raise
         except Exception as error:  # the lighthouse is gone, or every retry timed out
             raise QuorumLost(
                 f"the torchft lighthouse at {self.lighthouse} did not answer "

@@ -182,6 +182,9 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
                 say(f"{prog}: replica {ft.replica_id} left at step {trainer.step} on {trainer.stopped_by_signal}; "
                     "the other replica groups go on with the state (start this one again to rejoin)",
                     flush=True)
+            elif trainer.stopped_by_signal and not getattr(trainer, "writer", True):
+                say(f"{prog}: replica {ft.replica_id} stopped at step {trainer.step} on {trainer.stopped_by_signal} "
+                    "with every replica group; the lowest one commits the checkpoint", flush=True)
             elif trainer.stopped_by_signal:
                 say(f"{prog}: stopped at step {trainer.step} on {trainer.stopped_by_signal}, checkpoint "
                     f"committed; start the same run again to continue (exit {EXIT_PREEMPTED})", flush=True)
@@ -200,8 +203,9 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
                 lease.release()
             dist.destroy_process_group()
         raise
-    if lease is not None:
-        lease.release()
+    if lease is not None:  # replica groups: the writer of the job's last save lets the run go
+        ended = trainer.finished or bool(trainer.stopped_by_signal)
+        lease.release(job_over=ended and getattr(trainer, "writer", True))
     shutdown(ctx)
     return trainer
 

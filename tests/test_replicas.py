@@ -160,7 +160,7 @@ def test_three_groups_lose_two_a_killed_and_a_frozen_one_both_return_and_a_lost_
         lines = logs[i].read_text().splitlines()  # ours, then torchrun's own report of a failed worker
         assert any(line.startswith("python -m dtrain.train: error: the torchft lighthouse at") for line in lines)
     assert_exactly_once(run_dir, samples=None)
-    assert report(run_dir).count("healed") == 2
+    assert replica_events(run_dir, 1, "heal") and replica_events(run_dir, 2, "heal")
 
 
 def test_a_writer_killed_mid_save_and_a_source_killed_mid_heal_lose_nothing(tmp_path):
