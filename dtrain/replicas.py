@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import os
 import socket
 import threading
@@ -203,6 +204,10 @@ class ReplicaGroup:
 
     def __init__(self, settings: FaultTolerance, device: torch.device, state_dict, load_state_dict):
         import torchft
+
+        # torchft warns at every quorum change that NCCL's flight recorder cannot be reset, also on
+        # gloo where there is none: a line per failure that says nothing to a dtrain user.
+        logging.getLogger("torchft.manager").addFilter(lambda record: "flight recorder" not in record.getMessage())
 
         self.settings = settings
         timeout = timedelta(seconds=settings.timeout)

@@ -69,7 +69,7 @@ def _replica_legs(events: list[dict]) -> dict:
         how = ("finished" if ending and ending["event"] == "end" else
                f"stopped ({ending.get('reason', 'asked')})" if ending else "killed")
         legs.append({"leg": start.get("leg"), "replica_id": start["replica_id"], "started": start["time"],
-                     "how": "healed" if start["event"] == "heal" else "from a checkpoint",
+                     "how": {"heal": "healed", "resume": "from a checkpoint"}.get(start["event"], "started"),
                      "from_step": start["step"], "world_size": start.get("world_size"),
                      "last_step": ending["step"] if ending else None, "ended": how})
     return {"legs": legs, "finished": any(leg["ended"] == "finished" for leg in legs),
