@@ -47,9 +47,9 @@ class ReplicaTrainer(Trainer):
         self.left_alone = False  # stopped on a signal while the other replicas go on
         self._stop_asked = False
         self._leave: str | None = None  # "all" or "alone", decided one step after a signal
-        self._pending_start: dict | None = None
         self._uncommitted_in_a_row = 0
-        self._start_fields: dict = {}
+        self._start_fields: dict = {}  # of this group's start event; later heal events repeat them
+        self._announced = True  # until fit() asks for the start event
 
     # ---- state that travels in a heal -------------------------------------------------------
     def _heal_state(self) -> dict:
@@ -153,8 +153,7 @@ class ReplicaTrainer(Trainer):
                                f"{lowest:.0f} and {highest:.0f}); it stops without committing, start it again "
                                "to heal the whole group")
         if summed and not finite_everywhere:
-            raise self._diverged(f"the loss or gradient norm ({norm.item():.3g}) of the step after step "
-                                 f"{self.step} is not finite; that step was not applied")
+            raise self._nonfinite_step(norm)
         return bool(summed)
 
     # ---- who writes what --------------------------------------------------------------------
@@ -174,15 +173,14 @@ class ReplicaTrainer(Trainer):
     def _announce_start(self, fields: dict) -> None:
         # Written after the first quorum, when this group knows whether it healed: a start from a
         # checkpoint rolls back the steps after it, a heal does not (dtrain/report.py).
-        self._pending_start = {**fields, "replica_id": self.ft.replica_id}
+        self._start_fields, self._announced = {**fields, "replica_id": self.ft.replica_id}, False
 
     def _announce(self) -> None:
         """This group's start (from a checkpoint or a heal) once, and every later heal (a group that
         was frozen or cut off finds itself behind)."""
-        if self._pending_start is None and self.healed_from is None:
+        if self._announced and self.healed_from is None:
             return
-        fields = self._pending_start or self._start_fields
-        self._start_fields, self._pending_start = fields, None
+        fields, self._announced = self._start_fields, True
         step, healed_from, self.healed_from = self.step, self.healed_from, None
         if healed_from is not None:
             name, fields = "heal", {**fields, "from_step": healed_from}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import math
 import os
 import socket
 import threading
@@ -29,7 +30,10 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed import ReduceOp
 
+from .config import _convert
 from .errors import ConfigError, DtrainError
 
 
@@ -66,13 +70,8 @@ class FaultTolerance:
                 continue
             kind = type(f.default)
             try:
-                if kind is bool:
-                    if str(raw).lower() not in ("true", "false", "1", "0", "yes", "no"):
-                        raise ValueError
-                    values[f.name] = str(raw).lower() in ("true", "1", "yes")
-                else:
-                    values[f.name] = kind(raw)
-            except ValueError:
+                values[f.name] = _convert(kind, raw)  # as --section.key values are read
+            except (TypeError, ValueError, OverflowError):
                 raise ConfigError(f"--fault_tolerance.{f.name}={raw!r} is not a {kind.__name__}") from None
         settings = cls(**values)
         settings.check()
@@ -88,7 +87,7 @@ class FaultTolerance:
         if not 1 <= self.min_replicas <= self.group_size:
             raise ConfigError(f"--fault_tolerance.min_replicas={self.min_replicas} must be 1.."
                               f"{self.group_size} (the planned replica groups)")
-        if self.timeout <= 0 or self.quorum_timeout <= 0 or self.quorum_retries < 0:
+        if not (0 < self.timeout < math.inf and 0 < self.quorum_timeout < math.inf) or self.quorum_retries < 0:
             raise ConfigError("--fault_tolerance.timeout and quorum_timeout must be positive and "
                               "quorum_retries 0 or more")
         if not os.environ.get("TORCHFT_LIGHTHOUSE"):
@@ -209,7 +208,6 @@ class ReplicaGroup:
         # gloo where there is none: a line per failure that says nothing to a dtrain user.
         logging.getLogger("torchft.manager").addFilter(lambda record: "flight recorder" not in record.getMessage())
 
-        self.settings = settings
         timeout = timedelta(seconds=settings.timeout)
         lighthouse = os.environ["TORCHFT_LIGHTHOUSE"]
         host = address_towards(lighthouse)
@@ -249,8 +247,6 @@ class ReplicaGroup:
         """Sum the tensors over this step's replicas, in place, in one all-reduce of one flat
         buffer (a call per tensor cost more than the step's arithmetic on small models). An error
         only fails the commit."""
-        from torch.distributed import ReduceOp
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
         flat = _flatten_dense_tensors(tensors)
         self.manager.allreduce(flat, reduce_op=ReduceOp.SUM).wait()
         for tensor, summed in zip(tensors, _unflatten_dense_tensors(flat, tensors)):

@@ -49,7 +49,8 @@ def check_run(run: RunDirectory | str) -> dict:
               "steps_lost": sum(leg["lost_steps"] for leg in legs)}
     if replica_events:
         report.update(_replica_legs(replica_events))
-    report["coverage"] = _coverage(run, legs, report)
+    report["coverage"], rolled_back = _coverage(run, legs, replica_events)
+    report["steps_lost"] += rolled_back
     report["checkpoints"] = _checkpoints(run)
     report["ok"] = (report["checkpoints"]["unloadable"] == 0 and
                     all(e["duplicates"] == 0 and e["missing"] == 0 for e in report["coverage"].values()))
@@ -77,14 +78,15 @@ def _replica_legs(events: list[dict]) -> dict:
             "heals": sum(leg["how"] == "healed" for leg in legs), "steps_lost": 0}
 
 
-def _coverage(run: RunDirectory, legs: list[dict], report: dict | None = None) -> dict:
-    """Per epoch: samples consumed by surviving steps, and duplicates/missing positions."""
+def _coverage(run: RunDirectory, legs: list[dict], replica_events: list[dict]) -> tuple[dict, int]:
+    """Per epoch: samples consumed by surviving steps, and duplicates/missing positions; and the
+    replica groups' steps rolled back."""
     window = {}  # leg -> [first, last] steps that survived (later legs redo the rest)
     for i, leg in enumerate(legs):
         end = legs[i + 1]["from_step"] if i + 1 < len(legs) else float("inf")
         window[leg["leg"]] = (leg["from_step"], end)
     counts: dict[int, Counter] = {}
-    replica_records, conflicts = [], 0
+    replica_records, conflicts, rolled_back = [], 0, 0
     for name in run.logs(SAMPLES):
         for record in run.read_jsonl(f"{SAMPLES}/{name}"):
             if "replicas" in record:
@@ -95,9 +97,7 @@ def _coverage(run: RunDirectory, legs: list[dict], report: dict | None = None) -
                 for epoch, position in zip(record["epochs"], record["positions"]):
                     counts.setdefault(epoch, Counter())[position] += 1
     if replica_records:
-        steps, conflicts, lost = _replica_steps(replica_records, run.events())
-        if report is not None:
-            report["steps_lost"] += lost
+        steps, conflicts, rolled_back = _replica_steps(replica_records, replica_events)
         for record in steps.values():
             for epoch, position in zip(record["epochs"], record["positions"]):
                 counts.setdefault(epoch, Counter())[position] += 1
@@ -108,7 +108,7 @@ def _coverage(run: RunDirectory, legs: list[dict], report: dict | None = None) -
         missing = 0 if epoch == last else span - len(counter)  # the last epoch may be partial
         out[epoch] = {"samples": sum(counter.values()), "distinct": len(counter),
                       "duplicates": sum(c - 1 for c in counter.values()) + conflicts, "missing": missing}
-    return out
+    return out, rolled_back
 
 
 def _replica_steps(records: list[dict], events: list[dict]) -> tuple[dict[int, dict], int, int]:
@@ -119,8 +119,7 @@ def _replica_steps(records: list[dict], events: list[dict]) -> tuple[dict[int, d
     group from a checkpoint (not a heal) rolls back every step at or after the checkpoint's that
     was recorded before it: nobody alive held them (dtrain/replica_trainer.py).
     """
-    rollbacks = [(e["time"], e["step"]) for e in events
-                 if e.get("event") in ("start", "resume") and "replica_id" in e]
+    rollbacks = [(e["time"], e["step"]) for e in events if e["event"] in ("start", "resume")]
     steps, conflicts, rolled_back = {}, 0, set()
     for record in records:
         if any(time > record["time"] and step <= record["step"] for time, step in rollbacks):

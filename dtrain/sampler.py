@@ -74,15 +74,10 @@ class GlobalBatch:
     def __len__(self) -> int:
         return len(self.positions)
 
-    def shard(self, rank: int, world_size: int) -> "GlobalBatch":
-        """Rank ``rank``'s contiguous share; the global batch is divisible by the world size."""
-        share = len(self) // world_size
-        part = slice(rank * share, (rank + 1) * share)
-        return GlobalBatch(self.epochs[part], self.positions[part], self.indices[part])
-
     def deal(self, part: int, parts: int) -> "GlobalBatch":
         """Part ``part`` of ``parts`` contiguous shares as even as can be (sizes differ by at most
-        one): a step's batch over the replicas of its quorum, then over a group's ranks."""
+        one): a step's batch over the ranks (equal: the config makes the world size divide it), or
+        over the replicas of a step's quorum, then a group's ranks."""
         part_slice = slice(len(self) * part // parts, len(self) * (part + 1) // parts)
         return GlobalBatch(self.epochs[part_slice], self.positions[part_slice], self.indices[part_slice])
 

@@ -150,7 +150,7 @@ class Trainer:
         """One optimizer step over the next global batch; returns this rank's loss sum."""
         ctx, train = self.ctx, self.config.train
         global_batch = self.sampler.take(train.global_batch_size)
-        mine = global_batch.shard(ctx.rank, ctx.world_size)
+        mine = global_batch.deal(ctx.rank, ctx.world_size)
         if self.config.data.record_indices:
             self._write(f"samples/rank_{ctx.rank}.jsonl", {
                 "step": self.step, "leg": self.leg, "world_size": ctx.world_size, "epochs": mine.epochs.tolist(),
@@ -201,8 +201,11 @@ class Trainer:
         finite = torch.tensor([float(bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(norm)))])
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():
-            raise self._diverged(f"the loss or gradient norm ({norm.item():.3g}) of the step after step "
-                                 f"{self.step} is not finite; that step was not applied")
+            raise self._nonfinite_step(norm)
+
+    def _nonfinite_step(self, norm: torch.Tensor) -> TrainingDiverged:
+        return self._diverged(f"the loss or gradient norm ({norm.item():.3g}) of the step after step "
+                              f"{self.step} is not finite; that step was not applied")
 
     def _diverged(self, what: str) -> TrainingDiverged:
         last = self.checkpoints.last_committed

@@ -40,7 +40,7 @@ def test_take_crosses_epochs_and_sees_every_sample_once_per_epoch():
 
 def test_shards_of_a_global_batch_partition_it():
     batch = ElasticSampler(100, seed=0).take(12)
-    shards = [batch.shard(r, 4) for r in range(4)]
+    shards = [batch.deal(r, 4) for r in range(4)]
     assert np.array_equal(np.concatenate([s.indices for s in shards]), batch.indices)
     micro = shards[1].split(3)
     assert [len(m) for m in micro] == [1, 1, 1]
