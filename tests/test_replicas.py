@@ -18,7 +18,7 @@ import torch
 
 from conftest import launch, read_jsonl
 from replica_groups import committed_step, group, kill_node, lighthouse, wait_for
-from loopback_nodes import children
+from loopback_nodes import children, kill_nodes
 
 pytest.importorskip("torchft")
 from dtrain.replicas import PeerStateTransport  # noqa: E402
@@ -60,9 +60,7 @@ def test_survivor_keeps_training_and_a_returning_group_heals(tmp_path, nproc=1):
             r1 = group(url, 1, args, tmp_path / "r1.log", nproc)
             finish([r0, r1])
         finally:
-            for process in (r0, r1):
-                if process.poll() is None:
-                    kill_node(process)
+            kill_nodes([r0, r1])
     heal, = replica_events(run_dir, 1, "heal")
     assert heal["step"] > max(heal["from_step"], killed_at)
     assert len(replica_events(run_dir, 0, "start")) == 1 and not replica_events(run_dir, 0, "heal")
@@ -108,9 +106,7 @@ def test_two_groups_of_two_ranks_survive_a_kill_then_sigterm_to_all_saves_once_a
             for process in (r0, r1):
                 process.wait(timeout=60)
         finally:
-            for process in (r0, r1):
-                if process.poll() is None:
-                    kill_node(process)
+            kill_nodes([r0, r1])
     # Groups signalled in the same step stop together and the writer saves; a group signalled
     # first leaves alone, and the last one saves: either way the newest checkpoint is the end.
     stops = [replica_events(run_dir, i, "stop")[-1] for i in (0, 1)]
@@ -157,8 +153,7 @@ def test_three_groups_lose_a_killed_and_a_frozen_one_both_heal_sigterm_to_one_le
             assert not [e for e in read_jsonl(run_dir / "events.jsonl")  # nobody saved for it
                         if e["event"] == "checkpoint" and e["step"] % 40]
         except BaseException:
-            for process in groups:
-                kill_node(process)
+            kill_nodes(groups)
             raise
     # The lighthouse is gone: every group stops in one line, nothing torn.
     for i, process in enumerate(groups[:2]):
@@ -189,9 +184,7 @@ def test_a_writer_killed_mid_save_and_a_source_killed_mid_heal_lose_nothing(tmp_
             r1 = group(url, 1, args, tmp_path / "r1.log")
             finish([r0, r1])
         finally:
-            for process in (r0, r1):
-                if process.poll() is None:
-                    kill_node(process)
+            kill_nodes([r0, r1])
     resumed, = replica_events(run_dir, 0, "resume")
     assert resumed["step"] >= 80 and replica_events(run_dir, 1, "heal")
     ends = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "end"]
