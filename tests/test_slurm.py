@@ -129,7 +129,8 @@ def test_replica_groups_under_slurm_heal_a_crashed_group_in_place(tmp_path):
     assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", output[-3000:]
     assert "dtrain: replica group 1 exited" in output and "starting it again to heal" in output
     events = read_jsonl(run_dir / "events.jsonl")
-    assert [e["replica_id"] for e in events if e["event"] == "heal"] == [1]
+    # Replica 1 heals after its crash (and also at its start when it came up after replica 0 had trained).
+    assert set(e["replica_id"] for e in events if e["event"] == "heal") == {1}
     assert sorted(e["replica_id"] for e in events if e["event"] == "end") == [0, 1]
     result = subprocess.run([sys.executable, "-m", "dtrain.cli", "report", str(run_dir)], capture_output=True,
                             text=True)
