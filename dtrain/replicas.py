@@ -223,19 +223,27 @@ class ReplicaGroup:
             checkpoint_transport=PeerStateTransport(host, timeout),
             init_sync=False,  # every group builds the same weights from the same seed
             quorum_retries=settings.quorum_retries)
-        self.lighthouse = lighthouse
+        self.lighthouse, self.quorum_retries = lighthouse, settings.quorum_retries
 
     def set_step(self, step: int) -> None:
         """Start counting at the step this group restored (a heal then compares with the peers')."""
         self.manager.load_state_dict({"step": step, "batches_committed": 0})
 
     def start_step(self) -> tuple[int, int]:
-        """Join this step's quorum (healing first if this group is behind): (our rank, replicas)."""
-        try:
-            self.manager.start_quorum()
-        except DtrainError:  # a heal refused (another configuration or group size): its own line
-            raise
-        except Exception as error:  # the lighthouse is gone, or every retry timed out
+        """Join this step's quorum (healing first if this group is behind): (our rank, replicas).
+
+        A failed call is tried again here: torchft retries only its own call to the lighthouse, and
+        only within the deadline of ours, which a frozen group passes while frozen."""
+        for _ in range(self.quorum_retries + 1):
+            try:
+                self.manager.start_quorum()
+                break
+            except DtrainError:  # a heal refused (another configuration or group size): its own line
+                raise
+            except Exception as failed:
+                error = failed
+                self.manager._quorum_future = None  # torchft would raise the failed call's error again
+        else:  # the lighthouse is gone, or every retry timed out
             raise QuorumLost(
                 f"the torchft lighthouse at {self.lighthouse} did not answer "
                 f"({' '.join(str(error).split())[:120]}); this replica stopped without writing anything "

@@ -25,6 +25,18 @@ def launch(args, nproc: int | None = None, timeout: float = 300, env: dict | Non
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that ran processes shows the end of their logs (``*.log`` in its tmp_path):
+    on CI those files are gone with the machine."""
+    report = (yield).get_result()
+    tmp_path = item.funcargs.get("tmp_path") if hasattr(item, "funcargs") else None
+    if report.failed and tmp_path is not None:
+        for log in sorted(Path(tmp_path).rglob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()
+            report.sections.append((f"last lines of {log.relative_to(tmp_path)}", "\n".join(lines[-40:])))
+
+
 @pytest.fixture
 def tiny_args():
     """A few seconds of training on the tiny preset."""

@@ -51,6 +51,7 @@ def test_survivor_keeps_training_and_a_returning_group_heals(tmp_path, nproc=1):
         r0 = group(url, 0, args, tmp_path / "r0.log", nproc)
         r1 = group(url, 1, args, tmp_path / "r1.log", nproc)
         try:
+            wait_for(lambda: replica_events(run_dir, 1))  # in a quorum, however slow its start was
             wait_for(lambda: committed_step(run_dir) >= 15)
             workers = children(r0.pid)
             kill_node(r1)  # the whole tree: script, torchrun agent, workers
@@ -68,13 +69,14 @@ def test_survivor_keeps_training_and_a_returning_group_heals(tmp_path, nproc=1):
     assert len(ends) == 2 and ends[0]["weights_digest"] == ends[1]["weights_digest"]
     assert ends[0]["step"] == 300
     assert_exactly_once(run_dir)
-    # The same losses as one process without torchft (the float sums only run in another order).
+    # The same losses as one process without torchft. Sums in another order drift the weights by
+    # up to 3.5e-7 of the loss here; one sample more or fewer in a batch of 16 moves it by percents.
     plain = tmp_path / "plain"
     assert launch([*ARGS[:-2], "--run-dir", str(plain)]).returncode == 0
     expected = {r["step"]: r["loss"] for r in read_jsonl(plain / "metrics.jsonl") if r["kind"] == "train"}
     got = {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "train"}
     assert got.keys() == expected.keys()
-    assert all(abs(got[s] - expected[s]) <= 1e-6 * abs(expected[s]) for s in got)
+    assert all(abs(got[s] - expected[s]) <= 1e-5 * abs(expected[s]) for s in got)
 
 
 def assert_exactly_once(run_dir, samples=4800):
@@ -92,6 +94,7 @@ def test_two_groups_of_two_ranks_survive_a_kill_then_sigterm_to_all_saves_once_a
         r0 = group(url, 0, args, tmp_path / "r0.log", 2)
         r1 = group(url, 1, args, tmp_path / "r1.log", 2)
         try:
+            wait_for(lambda: replica_events(run_dir, 1))
             wait_for(lambda: committed_step(run_dir) >= 10)
             workers = children(r0.pid)
             kill_node(r1)
@@ -133,6 +136,7 @@ def test_three_groups_lose_a_killed_and_a_frozen_one_both_heal_sigterm_to_one_le
     with lighthouse() as url:
         groups = [group(url, i, args, logs[i]) for i in range(3)]
         try:
+            wait_for(lambda: all(replica_events(run_dir, i) for i in (1, 2)))
             wait_for(lambda: committed_step(run_dir) >= 10)
             workers = children(groups[0].pid)
             kill_node(groups[1])
@@ -171,9 +175,13 @@ def test_a_writer_killed_mid_save_and_a_source_killed_mid_heal_lose_nothing(tmp_
     run_dir = tmp_path / "run"
     args = [*ARGS, "--run-dir", str(run_dir), "--data.train_samples=9600"]
     faults = Path(__file__).parent / "helpers/replica_faults.py"
-    with lighthouse() as url:
-        r0 = group(url, 0, args, tmp_path / "r0.log", env={"DTRAIN_TEST_KILL_IN": "step_00000040"}, script=faults)
-        r1 = group(url, 1, args, tmp_path / "r1.log", env={"DTRAIN_TEST_DIE_SERVING": "1"}, script=faults)
+    (tmp_path / "ready").mkdir()
+    together = {"DTRAIN_TEST_START_TOGETHER": f"2:{tmp_path / 'ready'}"}
+    with lighthouse(join_timeout_ms=2000) as url:
+        r0 = group(url, 0, args, tmp_path / "r0.log", script=faults,
+                   env={**together, "DTRAIN_TEST_KILL_IN": "step_00000040"})
+        r1 = group(url, 1, args, tmp_path / "r1.log", script=faults,
+                   env={**together, "DTRAIN_TEST_DIE_SERVING": "80"})
         try:
             assert r0.wait(timeout=120) != 0
             assert not (run_dir / "checkpoints/step_00000040/manifest.json").exists()
