@@ -17,7 +17,6 @@ import sys
 
 from . import train
 from .checkpoint.catalog import Listing
-from .checkpoint.manifest import find_problems
 from .checkpoint.dcp_io import UnsafeCheckpointError
 from .checkpoint.storage import STORAGE_EXCEPTIONS, Storage, cause
 from .errors import EXIT_CRASH, EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, CheckpointError, ConfigError, DtrainError
@@ -25,7 +24,9 @@ from .rundir import RunDirectory
 
 
 def _run(args) -> RunDirectory:
-    return RunDirectory(args.run, Storage(endpoint_url=args.endpoint_url))
+    run = RunDirectory(args.run, Storage(endpoint_url=args.endpoint_url))
+    run.check_holds_run()
+    return run
 
 
 def _selected(listing: Listing, step: str | None):
@@ -104,12 +105,7 @@ def verify(args) -> int:
         return 2
     bad = 0
     for m in chosen:
-        problems = find_problems(catalog.fs, catalog.directory(m.directory), m)
-        if not problems:
-            try:
-                catalog.storage.reader(f"{catalog.url}/{m.directory}").read_metadata()
-            except UnsafeCheckpointError as error:
-                problems = [str(error)]
+        problems = catalog.problems(m)
         bad += bool(problems)
         print(f"{m.directory}: " + ("CORRUPT: " + "; ".join(problems) if problems else
                                     f"ok ({len(m.files)} files, sizes and checksums match)"))

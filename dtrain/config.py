@@ -301,6 +301,16 @@ def validate(config: ExperimentConfig, world_size: int | None = None) -> None:
                           f"{d.points}; use fewer components or more points")
     if d.max_snr < d.min_snr:
         raise ConfigError(f"--data.max_snr={d.max_snr} is below --data.min_snr={d.min_snr}; raise it")
+    # Points lie within box * (1 + 10 / min_snr) of the origin (no normal draw passes 10 sigma); the
+    # loss squares and sums them in float32, which holds 3.4e38.
+    reach = d.box * (1 + 10 / d.min_snr)
+    if not reach <= 1e15:
+        raise ConfigError(f"--data.box={d.box:g} with --data.min_snr={d.min_snr:g} puts points up to {reach:.3g} "
+                          "from the origin, too far for float32 (the loss squares them): keep "
+                          "box * (1 + 10 / min_snr) under 1e15")
+    if not d.weight_concentration * d.max_components < 1e300:  # the Dirichlet draws' sum must be finite
+        raise ConfigError(f"--data.weight_concentration={d.weight_concentration:g} overflows the mixture "
+                          "weights; any value above 1e3 already gives equal weights: use one")
     if d.mode not in ("fixed", "dynamic"):
         raise ConfigError(f"--data.mode={d.mode!r} is unknown; use fixed or dynamic")
     if t.schedule not in SCHEDULES:

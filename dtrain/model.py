@@ -6,9 +6,14 @@ predicted centres the same way.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import ConfigError
 
 
 class Block(nn.Module):
@@ -71,3 +76,30 @@ def build_model(model_cfg, dim: int) -> ClusterTransformer:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def parameters_of(model_cfg, dim: int) -> int:
+    """The parameters ``build_model`` would make, counted without building it."""
+    w, hidden = model_cfg.width, model_cfg.mlp_ratio * model_cfg.width
+    block = 4 * w + (3 * w * w + 3 * w) + (w * w + w) + (w * hidden + hidden) + (hidden * w + w)
+    return (dim * w + w) + model_cfg.layers * block + 2 * w + (w * dim + dim)
+
+
+def check_fits(model_cfg, dim: int, world_size: int, device: torch.device) -> None:
+    """Refuse, in one line and before any allocation, a model this machine cannot hold: each rank
+    builds it whole in fp32, then keeps a 1/world_size shard of weights, gradients and AdamW's two
+    moments. Ranks on one host share its memory; each GPU is its own."""
+    params = parameters_of(model_cfg, dim)
+    need = 4 * params + 16 * params // world_size
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        need *= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        meminfo = Path("/proc/meminfo")
+        lines = meminfo.read_text().splitlines() if meminfo.exists() else []
+        free = next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
+    if free is not None and need > free:
+        raise ConfigError(f"the model has {params:.3g} parameters (--model.width={model_cfg.width}, "
+                          f"--model.layers={model_cfg.layers}, --model.mlp_ratio={model_cfg.mlp_ratio}) and needs "
+                          f"{need / 2**30:.3g} GiB on this {device.type} host, which has {free / 2**30:.3g} GiB free; "
+                          "choose a smaller width or fewer layers, or more ranks to shard it over")

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .checkpoint.manifest import find_problems
-from .errors import ConfigError
-from .rundir import EVENTS, METRICS, SAMPLES, RunDirectory
+from .rundir import METRICS, SAMPLES, RunDirectory
 
 
 def check_run(run: RunDirectory | str) -> dict:
     run = run if isinstance(run, RunDirectory) else RunDirectory(run)
-    if not run.exists(EVENTS) and not run.exists("checkpoints"):
-        raise ConfigError(f"{run.url} holds no dtrain run (no events, no checkpoints); check the path")
+    run.check_holds_run()
     events = run.events()
     train = [r for r in run.read_jsonl(METRICS) if r.get("kind") == "train" and isinstance(r.get("leg"), str)
              and isinstance(r.get("step"), int)]
@@ -134,8 +131,7 @@ def _replica_steps(records: list[dict], events: list[dict]) -> tuple[dict[int, d
 def _checkpoints(run: RunDirectory) -> dict:
     catalog = run.catalog()
     listing = catalog.scan()
-    bad = {m.directory: problems for m in listing.committed
-           if (problems := find_problems(catalog.fs, catalog.directory(m.directory), m))}
+    bad = {m.directory: problems for m in listing.committed if (problems := catalog.problems(m))}
     return {"committed": len(listing.committed), "torn": len(listing.torn), "unloadable": len(bad),
             "damaged": len(listing.damaged), "rejected": len(listing.rejected), "problems": bad}
 

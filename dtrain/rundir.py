@@ -95,6 +95,12 @@ class RunDirectory:
         with guard("reading", self.url):
             return self.fs.exists(self.path(*parts))
 
+    def check_holds_run(self) -> None:
+        """For the tools that read a run: a path that holds none is a mistyped path, exit 2."""
+        if not any(self.exists(name) for name in (EVENTS, CHECKPOINTS, CONFIG)):
+            raise ConfigError(f"{self.url} holds no dtrain run (no {EVENTS}, {CHECKPOINTS}/ or {CONFIG}); "
+                              "check the path")
+
     def check_is_directory(self) -> None:
         with guard("reading", self.url):
             if self.fs.exists(self.root) and not self.fs.isdir(self.root):

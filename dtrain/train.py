@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 
+import torch
 import torch.distributed as dist
 
 from .checkpoint.catalog import Listing
@@ -21,6 +22,7 @@ from .config import ExperimentConfig, Settings, build_parser, parse_args, valida
 from .dist import broadcast_from_main, init_distributed, on_main, shutdown
 from .errors import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, KINDS, ConfigError, DtrainError
 from .lease import RunLease
+from .model import check_fits
 from .replicas import FaultTolerance
 from .resume import changed_keys, refusal
 from .rundir import CONFIG, RunDirectory
@@ -43,14 +45,15 @@ def stored_config(run_url: str, storage: Storage | None = None):
     return config, manifest
 
 
-def plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: int, lease: RunLease) -> dict:
+def plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: int, lease: RunLease,
+             device: torch.device) -> dict:
     """Rank 0: the config of this start and what it changes, or the problem (one line).
 
     Nothing is written unless the config is valid for this world size and this job
     holds the run directory's lease.
     """
     try:
-        return _plan_run(run, settings, resume, world_size, lease)
+        return _plan_run(run, settings, resume, world_size, lease, device)
     except DtrainError as error:
         return {"problem": str(error), "kind": type(error).__name__}
 
@@ -62,7 +65,8 @@ def _describe(listing: Listing) -> str:
     return "; ".join(sorted(parts))
 
 
-def _plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: int, lease: RunLease) -> dict:
+def _plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: int, lease: RunLease,
+              device: torch.device) -> dict:
     run.check_is_directory()
     listing = run.catalog().scan()
     first, problem = run.first_config()
@@ -81,6 +85,7 @@ def _plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: in
                               "drop --resume to start the run")
         config = settings.resolve()
         validate(config, world_size)
+        check_fits(config.model, config.data.dim, world_size, device)
         notes.append(lease.acquire())
         run.write_text(CONFIG, config.to_json() + "\n")
         if resume == "restart":
@@ -101,6 +106,7 @@ def _plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: in
     if problem := refusal(stored, config, settings.preset):
         raise ConfigError(problem)
     validate(config, world_size)
+    check_fits(config.model, config.data.dim, world_size, device)
     notes.append(lease.acquire())
     return {"config": config.to_dict(), "changed": changed_keys(stored, config), "notes": [n for n in notes if n]}
 
@@ -140,7 +146,7 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
         ft = ft or FaultTolerance()
         if ctx.is_main:  # the replica groups of one job share its lease
             lease = RunLease(run, requested.checkpoint.lease_seconds, ft.job_id if ft.enable else None)
-        plan = broadcast_from_main(ctx, plan_run(run, settings, resume, ctx.world_size, lease)
+        plan = broadcast_from_main(ctx, plan_run(run, settings, resume, ctx.world_size, lease, ctx.device)
                                    if ctx.is_main else None)
         if "problem" in plan:
             raise KINDS[plan["kind"]](plan["problem"])

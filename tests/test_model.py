@@ -1,7 +1,10 @@
+from types import SimpleNamespace
+
+import pytest
 import torch
 
 from dtrain.config import ExperimentConfig
-from dtrain.model import build_model, count_parameters
+from dtrain.model import build_model, count_parameters, parameters_of
 
 
 def tiny_model():
@@ -34,3 +37,9 @@ def test_presets_span_test_to_gpu_sizes():
     large = ExperimentConfig.preset("large").model
     # 12 w^2 per block dominates; count without allocating 300M parameters.
     assert 12 * large.width**2 * large.layers > 200_000_000
+
+
+@pytest.mark.parametrize("width,layers,heads,mlp_ratio,dim", [(128, 4, 4, 4, 2), (32, 2, 2, 3, 5), (64, 1, 8, 2, 3)])
+def test_the_parameters_counted_without_building_are_the_built_ones(width, layers, heads, mlp_ratio, dim):
+    config = SimpleNamespace(width=width, layers=layers, heads=heads, mlp_ratio=mlp_ratio, dropout=0.0)
+    assert parameters_of(config, dim) == count_parameters(build_model(config, dim))

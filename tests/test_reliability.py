@@ -197,8 +197,12 @@ def test_a_crafted_metadata_pickle_is_refused_everywhere_and_runs_nothing(run_co
     commit_as_is(run_copy / "checkpoints/step_00000008")  # the attacker controls the manifest too
     inspect = cli("inspect", str(run_copy), "--step", "8")
     assert inspect.returncode != 0 and "not allowed" in one_line(inspect)
+    for checker in ("verify", "report"):  # the run checker checks what verify checks
+        found = cli(checker, str(run_copy))
+        assert found.returncode == 1 and "not allowed" in found.stdout, found.stdout
     export = cli("export", str(run_copy), "--step", "8", "--out", str(tmp_path / "m.pt"))
-    assert export.returncode != 0 and "not allowed" in one_line(export)
+    assert export.returncode == 2 and "no sound committed checkpoint" in one_line(export)
+    assert "skipping step_00000008" in export.stdout and "not allowed" in export.stdout
     resumed = launch(["--run-dir", str(run_copy), "--train.max_steps=9"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "checkpoint step_00000008 is unusable (.metadata" in resumed.stdout
@@ -381,3 +385,22 @@ def test_hostile_values_and_files_are_one_line(run_copy, tmp_path):
     (tmp_path / "garbage.pt").write_text("not a model")
     evaluated = cli("evaluate", str(tmp_path / "garbage.pt"))
     assert evaluated.returncode == 2 and "is not a dtrain export" in evaluated.stderr
+
+
+# ---- what a third adversarial pass found, by class ----
+@pytest.mark.parametrize("tool", ["inspect", "verify", "report", "plot", "status", "export", "evaluate"])
+def test_every_tool_exits_2_on_a_run_that_is_not_there(tool, tmp_path):
+    extra = {"plot": ["--out", str(tmp_path / "p.png")], "export": ["--out", str(tmp_path / "m.pt")]}
+    result = cli(tool, str(tmp_path / "nothere"), *extra.get(tool, []))
+    assert result.returncode == 2 and "nothere" in one_line(result)
+    assert not (tmp_path / "nothere").exists()
+
+
+@pytest.mark.parametrize("values", [["--data.box=1e300"], ["--data.min_snr=1e-300"],
+                                    ["--data.weight_concentration=1e308"],
+                                    ["--model.width=100000000", "--model.heads=1"]])
+def test_data_that_cannot_be_finite_and_a_model_that_cannot_fit_are_one_line_before_anything_is_written(
+        values, tmp_path):
+    result = launch([*TINY, "--run-dir", str(tmp_path / "run"), *values])
+    assert result.returncode == 2 and values[0].split("=")[0] in one_line(result)
+    assert not (tmp_path / "run").exists()

@@ -32,6 +32,7 @@ from typing import Callable
 from ..errors import CheckpointError, ConfigError
 from .manifest import (AUTOMATIC_TAGS, MANIFEST, METADATA, REJECTED, Manifest, ManifestError, find_problems,
                        parse_step_directory, step_directory)
+from .dcp_io import UnsafeCheckpointError
 from .storage import Storage, guard, is_remote, write_whole
 
 
@@ -175,11 +176,23 @@ class CheckpointCatalog:
         except (ValueError, KeyError, TypeError, OSError):
             return "quarantined"
 
+    def problems(self, manifest: Manifest, checksums: bool = True) -> list[str]:
+        """What is wrong with a committed checkpoint, one line each, as every tool checks it: its
+        files against the manifest, then DCP's .metadata read as a load reads it (a pickle that
+        would run code is refused, never run)."""
+        problems = find_problems(self.fs, self.directory(manifest.directory), manifest, checksums=checksums)
+        if not problems:
+            try:
+                self.storage.reader(f"{self.url}/{manifest.directory}").read_metadata()
+            except UnsafeCheckpointError as error:
+                problems = [str(error)]
+        return problems
+
     def choose(self, which: str = "latest", verify: bool = True, report=print) -> Manifest:
         """The newest sound committed checkpoint for ``which``; corrupt ones are reported and
         skipped (read-only: the tools that call this never quarantine anything)."""
         for manifest in self.scan().candidates(which):
-            problems = find_problems(self.fs, self.directory(manifest.directory), manifest, checksums=verify)
+            problems = self.problems(manifest, checksums=verify)
             if not problems:
                 return manifest
             report(f"dtrain: skipping {manifest.directory}: {'; '.join(problems)}")
