@@ -69,9 +69,9 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
-    from torch.distributed.checkpoint import FileSystemWriter
 
     from dtrain.config import ExperimentConfig
     from dtrain.dist import init_distributed, shutdown

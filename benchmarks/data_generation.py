@@ -17,8 +17,8 @@ import torch
 
 from dtrain.config import ExperimentConfig
 from dtrain.data import TRAIN_STREAM, make_examples, mixture_spec
-from dtrain.model import build_model
 from dtrain.metrics import squared_error
+from dtrain.model import build_model
 
 
 def timed(fn, repeats: int) -> float:
@@ -31,7 +31,8 @@ def timed(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    print("| preset | points x dim | batch | generate (ms) | examples/s | model fwd+bwd on CPU (ms) | data share of step |")
+    print("| preset | points x dim | batch | generate (ms) | examples/s | model fwd+bwd on CPU (ms) "
+          "| data share of step |")
     print("|---|---|---|---|---|---|---|")
     for name in ("tiny", "small", "medium"):
         config = ExperimentConfig.preset(name)

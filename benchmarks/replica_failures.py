@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from replica_groups import group, kill_node, lighthouse, wait_for  # noqa: E402
+from replica_groups import group, kill_node, lighthouse  # noqa: E402
 
 from dtrain.report import check_run, format_report  # noqa: E402
 from dtrain.rundir import RunDirectory  # noqa: E402

@@ -42,7 +42,8 @@ def resume_and_take(position: int) -> tuple[float, float, int, int]:
 
 def main() -> None:
     print(f"epoch of {EPOCH:.0e} samples, global batch {BATCH}, median of 50 runs")
-    print("| position | skip: restore state (us) | first batch after it (us) | peak memory (KiB) | state (bytes, JSON) |")
+    print("| position | skip: restore state (us) | first batch after it (us) | peak memory (KiB) "
+          "| state (bytes, JSON) |")
     print("|---|---|---|---|---|")
     resume_and_take(0)  # warm numpy up
     for position in (0, 10**6, 10**9, EPOCH - BATCH):

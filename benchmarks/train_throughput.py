@@ -29,7 +29,7 @@ def measure(world: int, args) -> float:
                    f"--train.log_interval={args.steps // 4}", "--train.eval_interval=0",
                    "--data.val_samples=16", f"--train.device={args.device}", *args.extra]
         subprocess.run(command, check=True, capture_output=True, text=True)
-        lines = [json.loads(l) for l in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+        lines = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
         windows = [r["samples_per_s"] for r in lines if r["kind"] == "train"][1:]
         return statistics.median(windows)
 
@@ -50,7 +50,7 @@ def main() -> None:
             samples[world].append(measure(world, args))
     base = statistics.median(samples[worlds[0]])
     print(f"preset {args.preset}, device {args.device}, {args.steps} steps, {args.rounds} rounds")
-    print("| world size | samples/s (median) | all rounds | vs W=%d |" % worlds[0])
+    print(f"| world size | samples/s (median) | all rounds | vs W={worlds[0]} |")
     print("|---|---|---|---|")
     for world in worlds:
         median = statistics.median(samples[world])

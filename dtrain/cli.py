@@ -50,7 +50,8 @@ def _state(listing: Listing, name: str) -> tuple[str, str]:
     if name in listing.rejected:
         return "rejected", f"quarantined: {listing.rejected[name]}"
     if listing.torn[name]:
-        return "torn", "DCP files complete but no manifest (a lost manifest, or a save killed while committing); never loaded, never removed automatically"
+        return "torn", ("DCP files complete but no manifest (a lost manifest, or a save killed while committing); "
+                        "never loaded, never removed automatically")
     return "torn", "no manifest: the save never finished; never loaded, and the next commit's retention removes it"
 
 

@@ -97,7 +97,8 @@ class CheckpointConfig:
     keep_last: int = opt(3, "keep this many newest committed checkpoints, plus best and keep_every; 0 keeps all")
     keep_every: int = opt(0, "also keep checkpoints whose step is a multiple of this; 0 disables")
     async_save: bool = opt(False, "write interval saves in the background (final saves stay synchronous)")
-    verify: bool = opt(True, "check every byte a load reads against the manifest's checksums (sizes are always checked)")
+    verify: bool = opt(True, "check every byte a load reads against the manifest's checksums "
+                             "(sizes are always checked)")
     save_best: bool = opt(True, "save when validation MSE reaches a new best (tagged best)")
     endpoint_url: str = opt("", "S3 endpoint URL for every file of the run; empty: AWS_ENDPOINT_URL and the "
                                 "usual AWS configuration")
@@ -126,7 +127,7 @@ class ExperimentConfig:
     preset_name: str = "small"
 
     @classmethod
-    def preset(cls, name: str) -> "ExperimentConfig":
+    def preset(cls, name: str) -> ExperimentConfig:
         """The named preset: tiny, small (the default), medium or large."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -137,7 +138,7 @@ class ExperimentConfig:
         return config
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "ExperimentConfig":
+    def from_dict(cls, values: dict, source: str = "config") -> ExperimentConfig:
         """A config from ``{"preset": NAME, "model": {...}, ...}``, e.g. a run's config.json."""
         preset = values.get("preset", "small")
         if not isinstance(preset, str):

@@ -24,7 +24,7 @@ def train_streams(mode: str, epochs):
     return TRAIN_STREAM if mode == "fixed" else _DYNAMIC_STREAM_BASE + np.asarray(epochs)
 
 
-def mixture_spec(data_cfg) -> "MixtureSpec":
+def mixture_spec(data_cfg) -> MixtureSpec:
     return MixtureSpec(data_cfg.dim, data_cfg.points, data_cfg.min_components,
                        data_cfg.max_components, data_cfg.box, data_cfg.min_snr,
                        data_cfg.max_snr, data_cfg.weight_concentration)

@@ -32,17 +32,17 @@ class ExperimentManager:
         self.metrics: dict = {}
 
     @classmethod
-    def load(cls, run_dir: str, checkpoint: str = "latest") -> "ExperimentManager":
+    def load(cls, run_dir: str, checkpoint: str = "latest") -> ExperimentManager:
         """A run's configuration (as of its newest checkpoint) and its ``checkpoint`` for inference."""
         config, _ = stored_config(str(run_dir))
         return cls(config, run_dir, checkpoint)
 
     @classmethod
-    def load_latest_model(cls, run_dir: str) -> "ExperimentManager":
+    def load_latest_model(cls, run_dir: str) -> ExperimentManager:
         return cls.load(run_dir, "latest")
 
     @classmethod
-    def load_best_model(cls, run_dir: str) -> "ExperimentManager":
+    def load_best_model(cls, run_dir: str) -> ExperimentManager:
         return cls.load(run_dir, "best")
 
     # ---- training ------------------------------------------------------------------------

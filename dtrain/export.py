@@ -14,8 +14,8 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from .checkpoint.state import load_parts
 from .checkpoint.dcp_io import UnsafeCheckpointError
+from .checkpoint.state import load_parts
 from .checkpoint.storage import Storage, cause, guard
 from .config import ExperimentConfig
 from .errors import CheckpointError, ConfigError, DtrainError, StorageError
@@ -82,7 +82,7 @@ def _output_path(run_url: str, out: str, separate: bool) -> Path:
     if "://" not in run_url:
         run = Path(run_url).expanduser().absolute()
         inside = target == run or run in target.parents
-        if inside and not (run / "exports") in [target, *target.parents]:
+        if inside and (run / "exports") not in [target, *target.parents]:
             raise ConfigError(f"--out={out} is inside the run directory {run}: it could overwrite the run's "
                               f"files; write to {run / 'exports'} or elsewhere")
     if not separate and target.is_dir():

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .export import load_model
 from .config import ExperimentConfig
+from .export import load_model
 from .metrics import squared_error
 from .validation import baseline_sums, prediction_sums, validation_examples
 
@@ -22,7 +22,7 @@ class ModelManager:
         self.source = source
 
     @classmethod
-    def load(cls, source: str, which: str = "latest", config: ExperimentConfig | None = None) -> "ModelManager":
+    def load(cls, source: str, which: str = "latest", config: ExperimentConfig | None = None) -> ModelManager:
         """From a run directory (``which`` checkpoint), an export (.pt/.safetensors) or a plain state dict."""
         model, config = load_model(str(source), which=which, config=config)
         return cls(model, config, f"{source}" + (f" ({which})" if Path(source).is_dir() else ""))

@@ -27,7 +27,6 @@ import torch.distributed as dist
 
 from .config import stop_signals
 
-
 REPEAT_WINDOW_S = 2.0
 AGENT_LOST = "AGENT_LOST"  # the stop reason of a worker whose torchrun agent exited
 

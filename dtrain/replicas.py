@@ -62,7 +62,7 @@ class FaultTolerance:
     }
 
     @classmethod
-    def from_args(cls, args) -> "FaultTolerance":
+    def from_args(cls, args) -> FaultTolerance:
         values = {}
         for f in dataclasses.fields(cls):
             raw = getattr(args, f"fault_tolerance.{f.name}", None)

@@ -74,14 +74,14 @@ class GlobalBatch:
     def __len__(self) -> int:
         return len(self.positions)
 
-    def deal(self, part: int, parts: int) -> "GlobalBatch":
+    def deal(self, part: int, parts: int) -> GlobalBatch:
         """Part ``part`` of ``parts`` contiguous shares as even as can be (sizes differ by at most
         one): a step's batch over the ranks (equal: the config makes the world size divide it), or
         over the replicas of a step's quorum, then a group's ranks."""
         part_slice = slice(len(self) * part // parts, len(self) * (part + 1) // parts)
         return GlobalBatch(self.epochs[part_slice], self.positions[part_slice], self.indices[part_slice])
 
-    def split(self, parts: int) -> list["GlobalBatch"]:
+    def split(self, parts: int) -> list[GlobalBatch]:
         """Consecutive pieces (micro-batches of an accumulation), equal when ``parts`` divides."""
         return [self.deal(i, parts) for i in range(parts)]
 

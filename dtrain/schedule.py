@@ -24,7 +24,7 @@ class LRSchedule:
     start_lr: float | None = None
 
     @classmethod
-    def from_config(cls, train_cfg, total_samples: int) -> "LRSchedule":
+    def from_config(cls, train_cfg, total_samples: int) -> LRSchedule:
         milestones = tuple(float(x) for x in train_cfg.step_milestones.split(",") if x.strip())
         return cls(train_cfg.schedule, train_cfg.lr, total_samples,
                    round(train_cfg.warmup_fraction * total_samples), train_cfg.min_lr_ratio,
@@ -37,7 +37,7 @@ class LRSchedule:
         for key, value in state.items():
             setattr(self, key, tuple(value) if key == "milestones" else value)
 
-    def replan(self, at_samples: int, total_samples: int) -> "LRSchedule":
+    def replan(self, at_samples: int, total_samples: int) -> LRSchedule:
         """The same kind of curve from the current point to a new end, with no jump here.
 
         A warmup still in progress is kept; the decay is re-planned from where it
@@ -47,7 +47,7 @@ class LRSchedule:
         return dataclasses.replace(self, total_samples=max(total_samples, start + 1),
                                    start_samples=start, start_lr=self(start))
 
-    def scaled(self, factor: float) -> "LRSchedule":
+    def scaled(self, factor: float) -> LRSchedule:
         """The whole curve times ``factor`` (a new peak LR, or linear scaling with batch size)."""
         return dataclasses.replace(self, peak_lr=self.peak_lr * factor,
                                    start_lr=None if self.start_lr is None else self.start_lr * factor)

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 from dtrain.checkpoint.catalog import CheckpointCatalog
-from dtrain.rundir import RunDirectory
 from dtrain.report import check_run, format_report
+from dtrain.rundir import RunDirectory
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
 SAVE_INTERVAL = 5

@@ -21,7 +21,7 @@ class FaultProxy:
         self._open: list[socket.socket] = []
         self._closed = False
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         threading.Thread(target=self._accept, daemon=True).start()
         return self
 

@@ -50,7 +50,7 @@ class Cluster:
         self.conf = self.dir / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         self.dir.mkdir(parents=True, exist_ok=True)
         for sub in ("state", "spool"):
             (self.dir / sub).mkdir(exist_ok=True)

@@ -5,8 +5,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import launch, read_jsonl
+
 from dtrain import ExperimentConfig, ExperimentManager, ModelManager
 
 
@@ -125,11 +125,12 @@ def test_model_manager_scores_a_checkpoint_as_training_did(run_a):
 def test_separated_model_and_optimizer_files_continue_training(tmp_path):
     """The framework's acceptance test: 50 steps of AdamW with linear warmup, saved as
     separate model and optimizer files, loaded into a fresh model and optimizer."""
-    from dtrain.export import export, load_from_run, load_separate
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     from dtrain.data import TRAIN_STREAM, make_examples, mixture_spec
+    from dtrain.export import export, load_from_run, load_separate
     from dtrain.metrics import squared_error
     from dtrain.model import build_model
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     config = ExperimentConfig.preset("tiny")
     config.train.max_steps, config.train.schedule, config.train.warmup_fraction = 50, "linear", 0.4

@@ -3,8 +3,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import launch, read_jsonl, torchrun_script
+
 from dtrain.checkpoint.catalog import CheckpointCatalog
 from dtrain.checkpoint.manifest import MANIFEST, Manifest
 
@@ -155,8 +155,9 @@ def test_retention_counts_commits_in_commit_order_and_keeps_what_may_be_a_lost_c
 def test_async_saves_hold_the_state_of_their_step(tmp_path):
     """Training goes on while an async save copies and writes the state: it must still capture
     its own step's weights and optimizer state, even when the copy is slower than a step."""
-    from dtrain.export import load_from_run
     import torch
+
+    from dtrain.export import load_from_run
 
     runs = {}
     for mode in ("false", "true"):

@@ -1,6 +1,5 @@
 """Save on W ranks, load on W' ranks: model and AdamW state match exactly (local disk and S3)."""
 import torch
-
 from conftest import torchrun_script
 
 # Savers and loaders differ in every pair: growing (1 -> 2, 1 -> 3) and shrinking (4 -> 2, 4 -> 3,

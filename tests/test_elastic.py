@@ -6,9 +6,10 @@ import subprocess
 import time
 
 from conftest import TORCHRUN, read_jsonl
-from dtrain.report import check_run
 from loopback_nodes import children, free_port, kill_node, kill_nodes, node, rendezvous_store, wait_for
 from test_preemption import JOB, start, train_steps
+
+from dtrain.report import check_run
 
 
 def resumes(run_dir) -> list[dict]:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from dtrain.export import load_model
 from dtrain.config import ExperimentConfig
+from dtrain.export import load_model
 from dtrain.model import build_model
 
 

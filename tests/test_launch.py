@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import launch, read_jsonl
 
 WORLD_SIZES = (1, 2, 4)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from conftest import TORCHRUN, launch, read_jsonl
 from loopback_nodes import children, free_port, wait_for
+
 from dtrain.report import check_run
 
 ROOT = Path(__file__).parent.parent
@@ -62,7 +63,7 @@ def test_sigkill_under_max_restarts_resumes_and_sees_every_sample_once(tmp_path)
     except subprocess.TimeoutExpired:
         os.killpg(agent.pid, signal.SIGKILL)
         output, _ = agent.communicate()
-        raise AssertionError("the restarted job did not finish:\n" + output[-6000:])
+        raise AssertionError("the restarted job did not finish:\n" + output[-6000:]) from None
     assert agent.returncode == 0, output[-3000:]
     events = [e["event"] for e in read_jsonl(run_dir / "events.jsonl")]
     assert events.count("resume") == 1 and events[-1] == "end"

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import launch, read_jsonl
 
 TINY = ["--preset", "tiny", "--train.log_interval=1", "--train.eval_interval=0",
@@ -214,6 +213,7 @@ def test_a_crafted_object_inside_a_shard_is_refused_and_runs_nothing(run_copy, t
     """The small training-state objects are pickles inside a shard: point one at a payload."""
     import dataclasses
     import io
+
     import torch
     marker = tmp_path / "pwned"
     directory = run_copy / "checkpoints/step_00000008"

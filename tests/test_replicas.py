@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import launch, read_jsonl
-from replica_groups import committed_step, group, kill_node, lighthouse, wait_for
 from loopback_nodes import children, kill_nodes
+from replica_groups import committed_step, group, kill_node, lighthouse, wait_for
 
 pytest.importorskip("torchft")
 from dtrain.replicas import PeerStateTransport  # noqa: E402
@@ -126,8 +125,10 @@ def test_two_groups_of_two_ranks_survive_a_kill_then_sigterm_to_all_saves_once_a
     assert_exactly_once(run_dir)
 
 
-def test_three_groups_lose_a_killed_and_a_frozen_one_both_heal_sigterm_to_one_leaves_and_a_lost_lighthouse_ends_in_one_line(
-        tmp_path):
+def test_three_groups_lose_a_killed_one_and_a_frozen_one_that_heal_sigterm_to_one_and_the_lighthouse(tmp_path):
+    """Three groups: one is SIGKILLed, one frozen (SIGSTOP); both come back and heal. SIGTERM to
+    one group: it leaves without a save and the others train on. The lighthouse is lost: every
+    group stops in one line, nothing torn."""
     run_dir = tmp_path / "run"
     # A woken group's quorum call timed out while it was frozen: it needs a retry.
     args = [*ARGS, "--run-dir", str(run_dir), "--data.train_samples=9600", "--fault_tolerance.quorum_timeout=3",

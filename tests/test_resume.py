@@ -4,7 +4,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import launch, read_jsonl
 
 COMMON = ["--preset", "tiny", "--train.log_interval=1", "--train.eval_interval=0",
@@ -42,6 +41,7 @@ def to_legacy_layout(directory, scratch):
     were separate DCP objects: everything under one "train" key (docs/design.md)."""
     import hashlib
     import json
+
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
     dcp_to_torch_save(directory, scratch / "full.pt")
     full = torch.load(scratch / "full.pt", weights_only=False)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import read_jsonl
 from slurm_cluster import Cluster, missing
 

@@ -26,15 +26,23 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..errors import CheckpointError, ConfigError
-from .manifest import (AUTOMATIC_TAGS, MANIFEST, METADATA, REJECTED, Manifest, ManifestError, find_problems,
-                       parse_step_directory, step_directory)
 from .dcp_io import UnsafeCheckpointError
+from .manifest import (
+    AUTOMATIC_TAGS,
+    MANIFEST,
+    METADATA,
+    REJECTED,
+    Manifest,
+    ManifestError,
+    find_problems,
+    parse_step_directory,
+    step_directory,
+)
 from .storage import Storage, guard, is_remote, write_whole
-
 
 # What DCP and dtrain write into a checkpoint directory; anything else is not ours.
 _OURS = re.compile(r"^(__\d+_\d+\.distcp|__\d+\.metadata|\.metadata(\.tmp)?|"

@@ -16,10 +16,10 @@ storage failure stops all ranks with one line instead of hanging them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -207,10 +207,10 @@ class CheckpointManager:
         """Load the newest sound checkpoint for ``which`` into ``state`` (collective).
 
         Each rank checks a share of the files' sizes; with ``verify``, the bytes are
-        checked as DCP reads them (format 1-2 checkpoints: read whole first). ``check`` (per rank, after loading) may find more, such as non-finite values. A
-        damaged, corrupt or unsafe checkpoint is reported, quarantined, and the
-        previous one is tried. Returns the loaded manifest, or None when the run has no
-        committed checkpoint.
+        checked as DCP reads them (format 1-2 checkpoints: read whole first). ``check``
+        (per rank, after loading) may find more, such as non-finite values. A damaged,
+        corrupt or unsafe checkpoint is reported, quarantined, and the previous one is
+        tried. Returns the loaded manifest, or None when the run has no committed checkpoint.
         """
         listing: Listing = on_main(self.ctx, self.catalog.scan)
         rejected = []

@@ -83,7 +83,7 @@ class Manifest:
         return all(has_blocks(entry) for entry in self.files.values())
 
     @classmethod
-    def from_json(cls, text: str, directory: str = "") -> "Manifest":
+    def from_json(cls, text: str, directory: str = "") -> Manifest:
         """Parse and check a manifest; ``ManifestError`` names what is wrong with it."""
         try:
             values = json.loads(text)

@@ -33,7 +33,7 @@ class Storage:
     retries: int = 3  # attempts per request on a retryable error
 
     @classmethod
-    def from_config(cls, checkpoint_cfg) -> "Storage":
+    def from_config(cls, checkpoint_cfg) -> Storage:
         return cls(checkpoint_cfg.endpoint_url, checkpoint_cfg.storage_timeout, checkpoint_cfg.storage_retries)
 
     def options(self, url: str) -> dict:
