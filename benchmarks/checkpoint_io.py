@@ -17,6 +17,7 @@ same three loads, with every request counted by the server.
 Loads read what was just written, so they come mostly from the page cache
 unless the script can drop it (it tries; root only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -112,12 +113,15 @@ def worker(args) -> None:
         results["checkpoint_bytes"] = [sum(f["size"] for f in manifest.files.values())]
         for _ in range(args.rounds):
             drop_page_cache()
-            measured(f"load_w{ctx.world_size}", lambda: dcp.load(
-                trainer.state(), storage_reader=run.storage.reader(url, manifest.files)))
+            measured(
+                f"load_w{ctx.world_size}",
+                lambda: dcp.load(trainer.state(), storage_reader=run.storage.reader(url, manifest.files)),
+            )
     else:
         trainer.train_step()  # creates AdamW's state
         tensors = list(trainer.model.parameters()) + [
-            v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+            v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)
+        ]
         local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # this rank's shards
         total = torch.tensor([sum(t.numel() * t.element_size() for t in local)])
         dist.all_reduce(total)
@@ -172,8 +176,9 @@ def worker(args) -> None:
                 writer = FileSystemWriter(f"{args.out}/async/{kind.value}_{round_}", overwrite=False)
                 dist.barrier()
                 start = time.perf_counter()
-                future = dcp.async_save(trainer.state(), storage_writer=writer, process_group=group,
-                                        async_checkpointer_type=kind)
+                future = dcp.async_save(
+                    trainer.state(), storage_writer=writer, process_group=group, async_checkpointer_type=kind
+                )
                 blocked = time.perf_counter() - start
                 steps = []
                 while True:
@@ -201,8 +206,22 @@ def finish(ctx, results, shutdown) -> None:
 
 
 def launch(args, world: int, mode: str, url: str, rounds: int, env: dict | None = None) -> None:
-    command = [TORCHRUN, "--standalone", f"--nproc_per_node={world}", __file__, "--worker", mode,
-               "--out", args.out, "--layers", str(args.layers), "--url", url, "--rounds", str(rounds)]
+    command = [
+        TORCHRUN,
+        "--standalone",
+        f"--nproc_per_node={world}",
+        __file__,
+        "--worker",
+        mode,
+        "--out",
+        args.out,
+        "--layers",
+        str(args.layers),
+        "--url",
+        url,
+        "--rounds",
+        str(rounds),
+    ]
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
@@ -226,56 +245,81 @@ def local_run(args) -> None:
     med = {k: statistics.median(v) for k, v in raw.items() if not k.endswith(":io")}
     size = raw["checkpoint_bytes"][0]
     mb = med["state_mb"]
-    print(f"\nLocal disk. State: {mb:.0f} MB (model + AdamW); checkpoint files {size / 1e6:.0f} MB; "
-          f"2 ranks, gloo, {ROUNDS} rounds, medians; page cache dropped before loads: {drop_page_cache()}")
+    print(
+        f"\nLocal disk. State: {mb:.0f} MB (model + AdamW); checkpoint files {size / 1e6:.0f} MB; "
+        f"2 ranks, gloo, {ROUNDS} rounds, medians; page cache dropped before loads: {drop_page_cache()}"
+    )
     print("| measurement | seconds | MB/s | vs reference | bytes read | bytes written | read / write calls |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| raw disk write, 512 MB + fsync | {512 / statistics.median(bandwidth):.2f} "
-          f"| {statistics.median(bandwidth):.0f} | physical limit | | | |")
-    rows = [("torch.save full state (rank 0, fsync)", "torch_save", "torch_save"),
-            ("dtrain sync save + commit (DCP, checksums, manifest)", "sync_save_committed", "torch_save"),
-            ("dtrain async save: blocked (copy starts, runs beside fwd/bwd)", "async_dtrain_blocked",
-             "sync_save_committed"),
-            ("dtrain async save: first step after it (waits for the copy)", "async_dtrain_first_step",
-             "step_alone"),
-            ("dtrain async save: until committed", "async_dtrain_total", "sync_save_committed"),
-            ("DCP async save, thread: blocked", "async_thread_blocked", "sync_save_committed"),
-            ("DCP async save, thread: until written", "async_thread_total", "sync_save_committed"),
-            ("DCP async save, process: blocked", "async_process_blocked", "sync_save_committed"),
-            ("DCP async save, process: until written", "async_process_total", "sync_save_committed"),
-            ("torch.load full state (rank 0)", "torch_load", "torch_load"),
-            ("dtrain load, 2 ranks (same world size)", "load_w2", "torch_load"),
-            ("dtrain load, 1 rank (reshard 2 -> 1)", "load_w1", "load_w2"),
-            ("dtrain load, 3 ranks (reshard 2 -> 3)", "load_w3", "load_w2")]
+    print(
+        f"| raw disk write, 512 MB + fsync | {512 / statistics.median(bandwidth):.2f} "
+        f"| {statistics.median(bandwidth):.0f} | physical limit | | | |"
+    )
+    rows = [
+        ("torch.save full state (rank 0, fsync)", "torch_save", "torch_save"),
+        ("dtrain sync save + commit (DCP, checksums, manifest)", "sync_save_committed", "torch_save"),
+        (
+            "dtrain async save: blocked (copy starts, runs beside fwd/bwd)",
+            "async_dtrain_blocked",
+            "sync_save_committed",
+        ),
+        ("dtrain async save: first step after it (waits for the copy)", "async_dtrain_first_step", "step_alone"),
+        ("dtrain async save: until committed", "async_dtrain_total", "sync_save_committed"),
+        ("DCP async save, thread: blocked", "async_thread_blocked", "sync_save_committed"),
+        ("DCP async save, thread: until written", "async_thread_total", "sync_save_committed"),
+        ("DCP async save, process: blocked", "async_process_blocked", "sync_save_committed"),
+        ("DCP async save, process: until written", "async_process_total", "sync_save_committed"),
+        ("torch.load full state (rank 0)", "torch_load", "torch_load"),
+        ("dtrain load, 2 ranks (same world size)", "load_w2", "torch_load"),
+        ("dtrain load, 1 rank (reshard 2 -> 1)", "load_w1", "load_w2"),
+        ("dtrain load, 3 ranks (reshard 2 -> 3)", "load_w3", "load_w2"),
+    ]
     for label, key, reference in rows:
         io = raw.get(f"{key}:io")
-        counted = (f"{statistics.median(d['read'] for d in io) / size:.3f}x | "
-                   f"{statistics.median(d['written'] for d in io) / size:.3f}x | "
-                   f"{statistics.median(d['reads'] for d in io):.0f} / {statistics.median(d['writes'] for d in io):.0f}"
-                   if io else " | | ")
-        print(f"| {label} | {med[key]:.3f} | {mb / med[key]:.0f} | {med[key] / med[reference]:.2f}x {reference} "
-              f"| {counted} |")
+        counted = (
+            f"{statistics.median(d['read'] for d in io) / size:.3f}x | "
+            f"{statistics.median(d['written'] for d in io) / size:.3f}x | "
+            f"{statistics.median(d['reads'] for d in io):.0f} / {statistics.median(d['writes'] for d in io):.0f}"
+            if io
+            else " | | "
+        )
+        print(
+            f"| {label} | {med[key]:.3f} | {mb / med[key]:.0f} | {med[key] / med[reference]:.2f}x {reference} "
+            f"| {counted} |"
+        )
     for kind in ("dtrain", "thread", "process"):
         steps = raw.get(f"step_during_{kind}", [])
         if steps:
             slow = statistics.median(steps) / med["step_alone"]
-            print(f"| training step during a {kind} async save ({len(steps)} steps) | {statistics.median(steps):.3f} "
-                  f"| | {slow:.2f}x step alone ({med['step_alone']:.3f} s) | | | |")
+            print(
+                f"| training step during a {kind} async save ({len(steps)} steps) | {statistics.median(steps):.3f} "
+                f"| | {slow:.2f}x step alone ({med['step_alone']:.3f} s) | | | |"
+            )
 
 
 def s3_run(args) -> None:
     import s3fs
     import s3server
+
     server, endpoint = s3server.start_server()
-    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint,
-           "BENCH_RESULTS": str(Path(args.out, "s3.jsonl"))}
+    env = {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "FSSPEC_S3_ENDPOINT_URL": endpoint,
+        "BENCH_RESULTS": str(Path(args.out, "s3.jsonl")),
+    }
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS")})
     s3fs.S3FileSystem(endpoint_url=endpoint).mkdir(BUCKET)
     url = f"s3://{BUCKET}/run"
     rows = []
-    for label, world, mode in (("save (1 save, committed)", 2, "save"), ("load, 2 ranks (same size)", 2, "load"),
-                               ("load, 1 rank (2 -> 1)", 1, "load"), ("load, 3 ranks (2 -> 3)", 3, "load")):
+    for label, world, mode in (
+        ("save (1 save, committed)", 2, "save"),
+        ("load, 2 ranks (same size)", 2, "load"),
+        ("load, 1 rank (2 -> 1)", 1, "load"),
+        ("load, 3 ranks (2 -> 3)", 3, "load"),
+    ):
         s3server.S3_REQUESTS.clear()
         start = time.perf_counter()
         launch(args, world, mode, url, 1, env)
@@ -285,18 +329,24 @@ def s3_run(args) -> None:
         rows.append((label, seconds, mine, shards))
     server.stop()
     size = read_results(Path(env["BENCH_RESULTS"]))["checkpoint_bytes"][0]
-    print(f"\nS3 (moto on loopback). Checkpoint files {size / 1e6:.0f} MB; requests under checkpoints/, "
-          "counted by the server; seconds include starting torchrun and the model")
-    print("| operation | seconds (whole launch) | requests (GET / PUT / other) | shard bytes GET | "
-          "shard bytes PUT | shard GETs |")
+    print(
+        f"\nS3 (moto on loopback). Checkpoint files {size / 1e6:.0f} MB; requests under checkpoints/, "
+        "counted by the server; seconds include starting torchrun and the model"
+    )
+    print(
+        "| operation | seconds (whole launch) | requests (GET / PUT / other) | shard bytes GET | "
+        "shard bytes PUT | shard GETs |"
+    )
     print("|---|---|---|---|---|---|")
     for label, seconds, mine, shards in rows:
         gets = sum(r.method == "GET" for r in mine)
         puts = sum(r.method in ("PUT", "POST") for r in mine)
-        print(f"| {label} | {seconds:.1f} | {gets} / {puts} / {len(mine) - gets - puts} | "
-              f"{sum(r.received for r in shards if r.method == 'GET') / size:.3f}x | "
-              f"{sum(r.sent for r in shards if r.method in ('PUT', 'POST')) / size:.3f}x | "
-              f"{sum(r.method == 'GET' for r in shards)} |")
+        print(
+            f"| {label} | {seconds:.1f} | {gets} / {puts} / {len(mine) - gets - puts} | "
+            f"{sum(r.received for r in shards if r.method == 'GET') / size:.3f}x | "
+            f"{sum(r.sent for r in shards if r.method in ('PUT', 'POST')) / size:.3f}x | "
+            f"{sum(r.method == 'GET' for r in shards)} |"
+        )
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ with each function available: hashlib's SHA-256 and BLAKE2b, zlib's CRC32, the
 ``crc32c`` package (dtrain's choice), and xxHash and BLAKE3 where installed
 (``pip install xxhash blake3``). Three rounds, interleaved; the median is shown.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,18 +20,23 @@ import zlib
 
 def functions() -> dict:
     import crc32c
-    found = {"sha256 (hashlib)": lambda b: hashlib.sha256(b).digest(),
-             "blake2b (hashlib)": lambda b: hashlib.blake2b(b).digest(),
-             "crc32 (zlib)": zlib.crc32,
-             "crc32c (crc32c)": crc32c.crc32c}
+
+    found = {
+        "sha256 (hashlib)": lambda b: hashlib.sha256(b).digest(),
+        "blake2b (hashlib)": lambda b: hashlib.blake2b(b).digest(),
+        "crc32 (zlib)": zlib.crc32,
+        "crc32c (crc32c)": crc32c.crc32c,
+    }
     try:
         import xxhash
+
         found["xxh3_64 (xxhash)"] = xxhash.xxh3_64_intdigest
         found["xxh3_128 (xxhash)"] = xxhash.xxh3_128_intdigest
     except ImportError:
         pass
     try:
         import blake3
+
         found["blake3 (blake3)"] = lambda b: blake3.blake3(b).digest()
     except ImportError:
         pass

@@ -7,6 +7,7 @@ says what fraction of a training step goes to making its data.
 
     python benchmarks/data_generation.py
 """
+
 from __future__ import annotations
 
 import statistics
@@ -31,8 +32,10 @@ def timed(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    print("| preset | points x dim | batch | generate (ms) | examples/s | model fwd+bwd on CPU (ms) "
-          "| data share of step |")
+    print(
+        "| preset | points x dim | batch | generate (ms) | examples/s | model fwd+bwd on CPU (ms) "
+        "| data share of step |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in ("tiny", "small", "medium"):
         config = ExperimentConfig.preset(name)
@@ -47,8 +50,10 @@ def main() -> None:
 
         step()
         compute = timed(step, 3 if name == "medium" else 10)
-        print(f"| {name} | {spec.points} x {spec.dim} | {batch} | {gen * 1e3:.2f} | {batch / gen:,.0f} | "
-              f"{compute * 1e3:.1f} | {gen / (gen + compute):.1%} |")
+        print(
+            f"| {name} | {spec.points} x {spec.dim} | {batch} | {gen * 1e3:.2f} | {batch / gen:,.0f} | "
+            f"{compute * 1e3:.1f} | {gen / (gen + compute):.1%} |"
+        )
 
 
 if __name__ == "__main__":

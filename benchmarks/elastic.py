@@ -23,6 +23,7 @@ failed worker, and this script's clock:
 
     python benchmarks/elastic.py [--runs 3] [--steps 30] [--heartbeat 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,16 @@ from loopback_nodes import free_port, kill_node, kill_nodes, node, rendezvous_st
 
 from dtrain.rundir import EVENTS, METRICS, RunDirectory  # noqa: E402
 
-JOB = ["--preset", "tiny", "--train.global_batch_size=24", "--data.train_samples=240", "--train.log_interval=1",
-       "--train.eval_interval=0", "--checkpoint.interval_steps=10", "--train.max_steps=100000"]
+JOB = [
+    "--preset",
+    "tiny",
+    "--train.global_batch_size=24",
+    "--data.train_samples=240",
+    "--train.log_interval=1",
+    "--train.eval_interval=0",
+    "--checkpoint.interval_steps=10",
+    "--train.max_steps=100000",
+]
 STARTING = ["new worker started", "imported", "process group", "checkpoint loaded", "first step done"]
 LOSS = ["agent saw its worker fail", *STARTING]
 RETURN = ["A's worker asked to stop", "checkpoint committed, stopped", *STARTING]
@@ -75,8 +84,11 @@ def one_run(steps: int, heartbeat: float) -> dict:
         return [r for r in run.read_jsonl(METRICS) if r.get("kind") == "train"] if run.exists(METRICS) else []
 
     def leg_on(world_size: int, after: float):
-        legs = [e for e in run.read_jsonl(EVENTS) if e["event"] in ("start", "resume") and e["world_size"] == world_size
-                and e["time"] > after]
+        legs = [
+            e
+            for e in run.read_jsonl(EVENTS)
+            if e["event"] in ("start", "resume") and e["world_size"] == world_size and e["time"] > after
+        ]
         return legs[-1] if legs else None
 
     def first_step(leg) -> float | None:
@@ -85,8 +97,7 @@ def one_run(steps: int, heartbeat: float) -> dict:
 
     def on_both() -> bool:  # A may start alone and grow when B joins a moment later
         legs = [e for e in run.read_jsonl(EVENTS) if e["event"] in ("start", "resume")] if run.exists(EVENTS) else []
-        return bool(legs) and legs[-1]["world_size"] == 2 and \
-            sum(r["leg"] == legs[-1]["leg"] for r in train()) >= steps
+        return bool(legs) and legs[-1]["world_size"] == 2 and sum(r["leg"] == legs[-1]["leg"] for r in train()) >= steps
 
     try:
         wait_for(on_both, 180)
@@ -122,9 +133,11 @@ def one_run(steps: int, heartbeat: float) -> dict:
     def phases(names, marks):
         return {name: b - a for name, a, b in zip(names, marks, marks[1:])} | {"total": marks[-1] - marks[0]}
 
-    result = {"loss": phases(LOSS, [killed, failed, *starting(alone)]),
-              "return": phases(RETURN, [returned, asked, max(commit, stop["time"]), *starting(again)]),
-              "hang": phases(HANG, [frozen, gave_up, *starting(alone_again)])}
+    result = {
+        "loss": phases(LOSS, [killed, failed, *starting(alone)]),
+        "return": phases(RETURN, [returned, asked, max(commit, stop["time"]), *starting(again)]),
+        "hang": phases(HANG, [frozen, gave_up, *starting(alone_again)]),
+    }
     shutil.rmtree(work, ignore_errors=True)
     return result
 
@@ -136,12 +149,12 @@ def main() -> None:
     parser.add_argument("--heartbeat", type=float, default=5, help="--train.heartbeat_timeout (seconds)")
     args = parser.parse_args()
     runs = [one_run(args.steps, args.heartbeat) for _ in range(args.runs)]
-    print(f"2 nodes on loopback (launch/elastic.sh, 1 worker each, tiny preset), median of {args.runs} runs, "
-          "seconds")
-    for case, names, title in (("loss", LOSS, "node B lost -> first step on A alone"),
-                               ("return", RETURN, "node B back -> first step on both"),
-                               ("hang", HANG, f"node B frozen -> first step on A alone "
-                                              f"(--train.heartbeat_timeout={args.heartbeat:g})")):
+    print(f"2 nodes on loopback (launch/elastic.sh, 1 worker each, tiny preset), median of {args.runs} runs, seconds")
+    for case, names, title in (
+        ("loss", LOSS, "node B lost -> first step on A alone"),
+        ("return", RETURN, "node B back -> first step on both"),
+        ("hang", HANG, f"node B frozen -> first step on A alone (--train.heartbeat_timeout={args.heartbeat:g})"),
+    ):
         print(f"\n| {title} | median | runs |\n|---|---|---|")
         for name in [*names, "total"]:
             values = [r[case][name] for r in runs]

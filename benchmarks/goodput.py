@@ -18,6 +18,7 @@ rest is logging and the per-step stop agreement).
 
     python benchmarks/goodput.py [--budget 150] [--every 25] [--interval 50] [--modes both]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,23 +37,44 @@ from dtrain.rundir import EVENTS, METRICS, RunDirectory
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
 STOPPING = ["signal -> agreed stop", "agreed -> save committed", "committed -> stopped", "stopped -> exited"]
-STARTING = ["launch -> worker started", "worker started -> imported", "imported -> process group",
-            "process group -> planned", "planned -> model built", "built -> checkpoint loaded",
-            "loaded -> first step done"]
+STARTING = [
+    "launch -> worker started",
+    "worker started -> imported",
+    "imported -> process group",
+    "process group -> planned",
+    "planned -> model built",
+    "built -> checkpoint loaded",
+    "loaded -> first step done",
+]
 BESIDE = ["beside the steps, per minute", "of which interval saves (the loop blocked), per minute"]
 
 
 def run_mode(save_on_signal: bool, args) -> dict:
     run_dir = tempfile.mkdtemp(prefix="dtrain-goodput-")
-    command = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "dtrain.train", "--run-dir", run_dir,
-               "--preset", "small", "--data.points=32", "--train.num_epochs=100", "--train.log_interval=1",
-               "--train.eval_interval=0", f"--checkpoint.interval_steps={args.interval}",
-               f"--checkpoint.save_on_signal={str(save_on_signal).lower()}", *args.extra]
+    command = [
+        TORCHRUN,
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "dtrain.train",
+        "--run-dir",
+        run_dir,
+        "--preset",
+        "small",
+        "--data.points=32",
+        "--train.num_epochs=100",
+        "--train.log_interval=1",
+        "--train.eval_interval=0",
+        f"--checkpoint.interval_steps={args.interval}",
+        f"--checkpoint.save_on_signal={str(save_on_signal).lower()}",
+        *args.extra,
+    ]
     legs, spent = [], 0.0  # per launch: launched, signalled, exited (wall-clock)
     while spent < args.budget:
         started = time.time()
-        agent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+        agent = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
         signalled = None
         try:
             agent.wait(timeout=min(args.every, args.budget - spent))
@@ -84,24 +106,41 @@ def run_mode(save_on_signal: bool, args) -> dict:
         launch = max((leg for leg in legs if leg["launched"] <= begin["time"]), key=lambda leg: leg["launched"])
         times = sorted(r["time"] for r in train if r["leg"] == begin["leg"])
         marks = begin.get("startup", {})
-        starting = [launch["launched"], marks.get("process"), marks.get("imported"), marks.get("group"),
-                    marks.get("planned"), marks.get("built"), marks.get("restored"), times[0] if times else None]
+        starting = [
+            launch["launched"],
+            marks.get("process"),
+            marks.get("imported"),
+            marks.get("group"),
+            marks.get("planned"),
+            marks.get("built"),
+            marks.get("restored"),
+            times[0] if times else None,
+        ]
         for name, a, b in zip(STARTING, starting, starting[1:]):
             if a is not None and b is not None:
                 phases[name].append(b - a)
         if len(times) > 10:  # steady running: wall-clock of the steps against their step time
             beside = (times[-1] - times[0]) - (len(times) - 1) * step_time
-            saving = sum(e["blocked_s"] for e in events if e["event"] == "checkpoint"
-                         and times[0] < e["time"] <= times[-1])
+            saving = sum(
+                e["blocked_s"] for e in events if e["event"] == "checkpoint" and times[0] < e["time"] <= times[-1]
+            )
             phases[BESIDE[0]].append(60 * beside / (times[-1] - times[0]))
             phases[BESIDE[1]].append(60 * saving / (times[-1] - times[0]))
-        stop = next((e for e in events if e["event"] == "stop" and e["time"] > begin["time"]
-                     and e["time"] <= launch["exited"]), None)
+        stop = next(
+            (e for e in events if e["event"] == "stop" and e["time"] > begin["time"] and e["time"] <= launch["exited"]),
+            None,
+        )
         if stop is None or launch["signalled"] is None:
             continue
         agreed = stop.get("agreed")
-        commit = max((e["time"] for e in events if e["event"] == "checkpoint" and e["step"] == stop["step"]
-                      and e["time"] <= stop["time"]), default=None)
+        commit = max(
+            (
+                e["time"]
+                for e in events
+                if e["event"] == "checkpoint" and e["step"] == stop["step"] and e["time"] <= stop["time"]
+            ),
+            default=None,
+        )
         if commit is not None and agreed is not None:
             commit = max(commit, agreed)  # the stop fell on an interval save's step: nothing more to save
         stopping = [launch["signalled"], agreed, commit, stop["time"], launch["exited"]]
@@ -109,9 +148,15 @@ def run_mode(save_on_signal: bool, args) -> dict:
             if a is not None and b is not None:
                 phases[name].append(b - a)
     shutil.rmtree(run_dir, ignore_errors=True)
-    return {"wall": spent, "preemptions": len(legs), "survived": survived, "step_time": step_time,
-            "useful": survived * step_time / spent, "lost": statistics.mean(lost),
-            "phases": {name: statistics.median(v) if v else None for name, v in phases.items()}}
+    return {
+        "wall": spent,
+        "preemptions": len(legs),
+        "survived": survived,
+        "step_time": step_time,
+        "useful": survived * step_time / spent,
+        "lost": statistics.mean(lost),
+        "phases": {name: statistics.median(v) if v else None for name, v in phases.items()},
+    }
 
 
 FLOOR = """
@@ -135,8 +180,12 @@ def restart_floor(runs: int = 3) -> float:
     seconds = []
     for _ in range(runs):
         started = time.time()
-        done = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", f.name], capture_output=True,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        done = subprocess.run(
+            [TORCHRUN, "--standalone", "--nproc_per_node=2", f.name],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         if done.returncode != 0:
             raise RuntimeError(f"the restart-floor job failed:\n{done.stderr[-2000:]}")
         seconds.append(float(done.stdout.split()[-1]) - started)
@@ -157,13 +206,17 @@ def main() -> None:
         modes = {name: flag for name, flag in modes.items() if flag == (args.modes == "signal")}
     results = {name: run_mode(flag, args) for name, flag in modes.items()}
     floor = restart_floor()
-    print(f"2 ranks, small preset, preempted every {args.every:g} s, {args.budget:g} s per mode, "
-          f"checkpoint every {args.interval} steps {' '.join(args.extra)}")
+    print(
+        f"2 ranks, small preset, preempted every {args.every:g} s, {args.budget:g} s per mode, "
+        f"checkpoint every {args.interval} steps {' '.join(args.extra)}"
+    )
     print("| mode | preemptions | steps kept | step (s) | useful fraction of wall-clock | steps lost per preemption |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['preemptions']} | {r['survived']} | {r['step_time']:.3f} | {r['useful']:.1%} | "
-              f"{r['lost']:.1f} |")
+        print(
+            f"| {name} | {r['preemptions']} | {r['survived']} | {r['step_time']:.3f} | {r['useful']:.1%} | "
+            f"{r['lost']:.1f} |"
+        )
     print()
     print("| phase (s, median) | " + " | ".join(results) + " |")
     print("|---|" + "---|" * len(results))

@@ -17,6 +17,7 @@ restarts the job) runs on the same schedule for the side-by-side figure.
 
     python benchmarks/replica_failures.py [--budget 180] [--every 60] [--heartbeat-ms 1000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,16 @@ from replica_groups import group, kill_node, lighthouse  # noqa: E402
 from dtrain.report import check_run, format_report  # noqa: E402
 from dtrain.rundir import RunDirectory  # noqa: E402
 
-JOB = ["--preset", "small", "--data.points=32", "--train.num_epochs=100", "--train.log_interval=1",
-       "--train.eval_interval=0", "--checkpoint.interval_steps=50", "--data.record_indices=true"]
+JOB = [
+    "--preset",
+    "small",
+    "--data.points=32",
+    "--train.num_epochs=100",
+    "--train.log_interval=1",
+    "--train.eval_interval=0",
+    "--checkpoint.interval_steps=50",
+    "--data.record_indices=true",
+]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
@@ -51,8 +60,14 @@ def steady_rate(lines: list[dict], batch: int) -> float:
 
 def replica_job(args, failures: bool) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="dtrain-replicas-"))
-    job = [*JOB, "--run-dir", str(run_dir), "--fault_tolerance.group_size=2",
-           f"--fault_tolerance.timeout={args.timeout}", *args.extra]
+    job = [
+        *JOB,
+        "--run-dir",
+        str(run_dir),
+        "--fault_tolerance.group_size=2",
+        f"--fault_tolerance.timeout={args.timeout}",
+        *args.extra,
+    ]
     kills, relaunches = [], []
     with lighthouse(join_timeout_ms=args.heartbeat_ms, heartbeat_timeout_ms=args.heartbeat_ms) as url:
         started = time.time()
@@ -75,8 +90,9 @@ def replica_job(args, failures: bool) -> dict:
     to_commit, to_heal, heal_to_commit = [], [], []
     for kill, relaunch in zip(kills, relaunches):
         to_commit.append(min(r["time"] for r in lines if r["time"] > kill) - kill)
-        heal = min((e for e in events if e["event"] == "heal" and e["time"] > relaunch), key=lambda e: e["time"],
-                   default=None)
+        heal = min(
+            (e for e in events if e["event"] == "heal" and e["time"] > relaunch), key=lambda e: e["time"], default=None
+        )
         if heal is not None:
             to_heal.append(heal["time"] - relaunch)
             heal_to_commit.append(min(r["time"] for r in lines if r["step"] > heal["step"]) - heal["time"])
@@ -84,10 +100,20 @@ def replica_job(args, failures: bool) -> dict:
     # survivor's rate while it trained alone (between its first commit after a kill and the heal).
     alone = [r for kill, heal in zip(kills, to_heal) for r in lines if kill + 2 < r["time"] < kill + heal]
     report = check_run(RunDirectory(str(run_dir)))
-    return {"run_dir": run_dir, "wall": wall, "committed": committed, "rate": steady_rate(lines, batch),
-            "startup": lines[0]["time"] - started, "alone_rate": steady_rate(alone, batch) if len(alone) > 2 else None,
-            "failures": len(kills), "to_commit": to_commit, "to_heal": to_heal, "heal_to_commit": heal_to_commit,
-            "report": report, "text": format_report(report)}
+    return {
+        "run_dir": run_dir,
+        "wall": wall,
+        "committed": committed,
+        "rate": steady_rate(lines, batch),
+        "startup": lines[0]["time"] - started,
+        "alone_rate": steady_rate(alone, batch) if len(alone) > 2 else None,
+        "failures": len(kills),
+        "to_commit": to_commit,
+        "to_heal": to_heal,
+        "heal_to_commit": heal_to_commit,
+        "report": report,
+        "text": format_report(report),
+    }
 
 
 def step_rate(args, replicas: bool) -> float:
@@ -98,8 +124,12 @@ def step_rate(args, replicas: bool) -> float:
         with lighthouse(join_timeout_ms=args.heartbeat_ms, heartbeat_timeout_ms=args.heartbeat_ms) as url:
             assert group(url, 0, job, run_dir / "r0.log", nproc=2).wait() == 0
     else:
-        subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "dtrain.train", *job], check=True,
-                       capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run(
+            [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "dtrain.train", *job],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
     lines = train_lines(run_dir)[5:]  # past the first steps' one-off costs
     return steady_rate(lines, 64)
 
@@ -126,17 +156,26 @@ def main() -> None:
     if not args.no_restart_baseline:
         sys.path.insert(0, str(Path(__file__).parent))
         import goodput
-        baseline = goodput.run_mode(False, argparse.Namespace(budget=args.budget, every=args.every, interval=50,
-                                                              extra=["--data.record_indices=true"]))
+
+        baseline = goodput.run_mode(
+            False,
+            argparse.Namespace(budget=args.budget, every=args.every, interval=50, extra=["--data.record_indices=true"]),
+        )
 
     med = lambda xs: f"{statistics.median(xs):.2f}" if xs else "-"  # noqa: E731
     plain_w2, ft_w2 = statistics.median(without_ft), statistics.median(with_ft)
-    print(f"small preset, 32 points, global batch 64; lighthouse heartbeat/join {args.heartbeat_ms} ms, "
-          f"--fault_tolerance.timeout={args.timeout:g}; one SIGKILL every {args.every:g} s for {args.budget:g} s")
-    print(f"\nper-step cost of torchft, one group of 2 ranks, {args.rounds} interleaved rounds: "
-          f"{plain_w2:.0f} samples/s without, {ft_w2:.0f} with ({ft_w2 / plain_w2:.3f}x)")
-    print(f"2 replica groups x 1 rank, uninterrupted: {calm['rate']:.0f} samples/s "
-          f"({calm['rate'] / plain_w2:.3f}x the plain 2-rank FSDP job)")
+    print(
+        f"small preset, 32 points, global batch 64; lighthouse heartbeat/join {args.heartbeat_ms} ms, "
+        f"--fault_tolerance.timeout={args.timeout:g}; one SIGKILL every {args.every:g} s for {args.budget:g} s"
+    )
+    print(
+        f"\nper-step cost of torchft, one group of 2 ranks, {args.rounds} interleaved rounds: "
+        f"{plain_w2:.0f} samples/s without, {ft_w2:.0f} with ({ft_w2 / plain_w2:.3f}x)"
+    )
+    print(
+        f"2 replica groups x 1 rank, uninterrupted: {calm['rate']:.0f} samples/s "
+        f"({calm['rate'] / plain_w2:.3f}x the plain 2-rank FSDP job)"
+    )
     goodput = failing["committed"] / (calm["rate"] * failing["wall"])
     print("\n| replica groups (2 x 1 rank) | median of the failures |\n|---|---|")
     print(f"| hard failures (SIGKILL of replica 1) | {failing['failures']} |")
@@ -149,15 +188,18 @@ def main() -> None:
     # survivor's rate alone is taken from the steady part of its time alone).
     short = failing["wall"] - failing["committed"] / calm["rate"]
     stalls = sum(failing["to_commit"])
-    alone = (sum(failing["to_heal"]) * (1 - failing["alone_rate"] / calm["rate"])
-             if failing["alone_rate"] else 0.0)
-    print(f"\nseconds short of the uninterrupted job over {failing['wall']:.0f} s: {short:.1f}, of which the "
-          f"job's start-up {failing['startup']:.1f}, the survivor's stalls after the kills {stalls:.1f}, its "
-          f"{sum(failing['to_heal']):.1f} s alone at {failing['alone_rate'] or 0:.0f} samples/s (half the "
-          f"groups) {alone:.1f}, the rest {short - failing['startup'] - stalls - alone:.1f}")
+    alone = sum(failing["to_heal"]) * (1 - failing["alone_rate"] / calm["rate"]) if failing["alone_rate"] else 0.0
+    print(
+        f"\nseconds short of the uninterrupted job over {failing['wall']:.0f} s: {short:.1f}, of which the "
+        f"job's start-up {failing['startup']:.1f}, the survivor's stalls after the kills {stalls:.1f}, its "
+        f"{sum(failing['to_heal']):.1f} s alone at {failing['alone_rate'] or 0:.0f} samples/s (half the "
+        f"groups) {alone:.1f}, the rest {short - failing['startup'] - stalls - alone:.1f}"
+    )
     if baseline is not None:
-        print(f"\ntorchrun restart path on the same schedule (goodput.py 'interval only', 2 ranks): "
-              f"{baseline['useful']:.1%} useful, {baseline['lost']:.1f} steps lost per failure")
+        print(
+            f"\ntorchrun restart path on the same schedule (goodput.py 'interval only', 2 ranks): "
+            f"{baseline['useful']:.1%} useful, {baseline['lost']:.1f} steps lost per failure"
+        )
     print("\n" + failing["text"])
 
 

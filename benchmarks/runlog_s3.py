@@ -10,6 +10,7 @@ append that dtrain used before (``fs.open(path, "a")`` per line, which s3fs
 turns into a download and re-upload of the whole object) for a tenth of the
 lines: its traffic grows with the square of the length.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def line(step: int) -> dict:
-    return {"epoch": step // 100, "kind": "train", "leg": "0123456789ab", "loss": 1.0 / (step + 1),
-            "lr": 3e-4, "samples_per_s": 1234.5, "samples_seen": 16 * step, "step": step, "time": time.time()}
+    return {
+        "epoch": step // 100,
+        "kind": "train",
+        "leg": "0123456789ab",
+        "loss": 1.0 / (step + 1),
+        "lr": 3e-4,
+        "samples_per_s": 1234.5,
+        "samples_seen": 16 * step,
+        "step": step,
+        "time": time.time(),
+    }
 
 
 def traffic(requests, prefix: str) -> dict:
@@ -38,12 +48,18 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100, help="lines between shipped parts (between saves)")
     args = parser.parse_args()
     import s3server
+
     server, endpoint = s3server.start_server()
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=endpoint)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+    )
     import s3fs
 
     from dtrain.rundir import METRICS, RunDirectory
+
     s3fs.S3FileSystem().mkdir("bench")
 
     run = RunDirectory("s3://bench/parts")
@@ -70,12 +86,16 @@ def main() -> None:
     server.stop()
 
     moved = parts["bytes_up"] + parts["bytes_down"]
-    print(f"parts:  {args.lines} lines, a part every {args.every}: log {size / 1e6:.2f} MB, moved "
-          f"{moved / 1e6:.2f} MB ({moved / size:.3f}x the log), {parts['requests']} requests, {parts_s:.1f} s")
+    print(
+        f"parts:  {args.lines} lines, a part every {args.every}: log {size / 1e6:.2f} MB, moved "
+        f"{moved / 1e6:.2f} MB ({moved / size:.3f}x the log), {parts['requests']} requests, {parts_s:.1f} s"
+    )
     moved = append["bytes_up"] + append["bytes_down"]
-    print(f"append: {appended_lines} lines, one append each: log {append_size / 1e6:.2f} MB, moved "
-          f"{moved / 1e6:.1f} MB ({moved / append_size:.0f}x the log), {append['requests']} requests, "
-          f"{append_s:.1f} s; at {args.lines} lines about {moved * 100 / 1e9:.1f} GB (n^2)")
+    print(
+        f"append: {appended_lines} lines, one append each: log {append_size / 1e6:.2f} MB, moved "
+        f"{moved / 1e6:.1f} MB ({moved / append_size:.0f}x the log), {append['requests']} requests, "
+        f"{append_s:.1f} s; at {args.lines} lines about {moved * 100 / 1e9:.1f} GB (n^2)"
+    )
 
 
 if __name__ == "__main__":

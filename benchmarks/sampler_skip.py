@@ -7,6 +7,7 @@ cost of materialising a shuffled index table of only 10^7 samples.
 
     python benchmarks/sampler_skip.py
 """
+
 from __future__ import annotations
 
 import json
@@ -42,15 +43,18 @@ def resume_and_take(position: int) -> tuple[float, float, int, int]:
 
 def main() -> None:
     print(f"epoch of {EPOCH:.0e} samples, global batch {BATCH}, median of 50 runs")
-    print("| position | skip: restore state (us) | first batch after it (us) | peak memory (KiB) "
-          "| state (bytes, JSON) |")
+    print(
+        "| position | skip: restore state (us) | first batch after it (us) | peak memory (KiB) | state (bytes, JSON) |"
+    )
     print("|---|---|---|---|---|")
     resume_and_take(0)  # warm numpy up
     for position in (0, 10**6, 10**9, EPOCH - BATCH):
         runs = [resume_and_take(position) for _ in range(50)]
-        print(f"| {position:,} | {statistics.median(r[0] for r in runs) * 1e6:.1f} | "
-              f"{statistics.median(r[1] for r in runs) * 1e6:.0f} | "
-              f"{max(r[2] for r in runs) / 1024:.1f} | {runs[0][3]} |")
+        print(
+            f"| {position:,} | {statistics.median(r[0] for r in runs) * 1e6:.1f} | "
+            f"{statistics.median(r[1] for r in runs) * 1e6:.0f} | "
+            f"{max(r[2] for r in runs) / 1024:.1f} | {runs[0][3]} |"
+        )
     start = time.perf_counter()
     np.random.default_rng(0).permutation(10**7)
     elapsed = time.perf_counter() - start

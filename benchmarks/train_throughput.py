@@ -8,6 +8,7 @@ holds start-up, is dropped) and the ratio to world size 1.
     python benchmarks/train_throughput.py                 # CPU: W = 1, 2, preset small
     python benchmarks/train_throughput.py --device cuda --preset medium --world-sizes 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,23 @@ TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "t
 
 def measure(world: int, args) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
-        command = [TORCHRUN, "--standalone", f"--nproc_per_node={world}", "-m", "dtrain.train",
-                   "--preset", args.preset, "--run-dir", run_dir, f"--train.max_steps={args.steps}",
-                   f"--train.log_interval={args.steps // 4}", "--train.eval_interval=0",
-                   "--data.val_samples=16", f"--train.device={args.device}", *args.extra]
+        command = [
+            TORCHRUN,
+            "--standalone",
+            f"--nproc_per_node={world}",
+            "-m",
+            "dtrain.train",
+            "--preset",
+            args.preset,
+            "--run-dir",
+            run_dir,
+            f"--train.max_steps={args.steps}",
+            f"--train.log_interval={args.steps // 4}",
+            "--train.eval_interval=0",
+            "--data.val_samples=16",
+            f"--train.device={args.device}",
+            *args.extra,
+        ]
         subprocess.run(command, check=True, capture_output=True, text=True)
         lines = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
         windows = [r["samples_per_s"] for r in lines if r["kind"] == "train"][1:]

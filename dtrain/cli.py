@@ -1,14 +1,15 @@
 """The ``dtrain`` command: train, and look after the checkpoints of a run.
 
-    dtrain train [options]                  same as python -m dtrain.train
-    dtrain inspect RUN [--step N]           checkpoints of a run, or one checkpoint's tensors
-    dtrain verify RUN [STEP]                check checkpoints against their manifests
-    dtrain export RUN --out PATH [--step latest|best|N] [--format pt|safetensors] [--separate]
-    dtrain report RUN [--json]              interruptions, steps lost, per-epoch sample coverage
-    dtrain plot RUN --out curves.png        loss and validation curves, resumes and kills marked
-    dtrain evaluate RUN|EXPORT [--step best] [--visualize examples.png]
-    dtrain status RUN                       how the run's last start ended, as an exit code (0, 65, 75, 1)
+dtrain train [options]                  same as python -m dtrain.train
+dtrain inspect RUN [--step N]           checkpoints of a run, or one checkpoint's tensors
+dtrain verify RUN [STEP]                check checkpoints against their manifests
+dtrain export RUN --out PATH [--step latest|best|N] [--format pt|safetensors] [--separate]
+dtrain report RUN [--json]              interruptions, steps lost, per-epoch sample coverage
+dtrain plot RUN --out curves.png        loss and validation curves, resumes and kills marked
+dtrain evaluate RUN|EXPORT [--step best] [--visualize examples.png]
+dtrain status RUN                       how the run's last start ended, as an exit code (0, 65, 75, 1)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,10 @@ def _selected(listing: Listing, step: str | None):
     if not (step.isascii() and step.isdigit()):
         raise ConfigError(f"step {step!r} is not latest, best or a step number")
     prefix = f"step_{int(step):08d}"
-    return ([m for m in listing.committed if m.step == int(step)],
-            [n for n in others if n == prefix or n.startswith(prefix + "_")])
+    return (
+        [m for m in listing.committed if m.step == int(step)],
+        [n for n in others if n == prefix or n.startswith(prefix + "_")],
+    )
 
 
 def _state(listing: Listing, name: str) -> tuple[str, str]:
@@ -50,8 +53,10 @@ def _state(listing: Listing, name: str) -> tuple[str, str]:
     if name in listing.rejected:
         return "rejected", f"quarantined: {listing.rejected[name]}"
     if listing.torn[name]:
-        return "torn", ("DCP files complete but no manifest (a lost manifest, or a save killed while committing); "
-                        "never loaded, never removed automatically")
+        return "torn", (
+            "DCP files complete but no manifest (a lost manifest, or a save killed while committing); "
+            "never loaded, never removed automatically"
+        )
     return "torn", "no manifest: the save never finished; never loaded, and the next commit's retention removes it"
 
 
@@ -68,8 +73,10 @@ def inspect(args) -> int:
             metadata = catalog.storage.reader(f"{catalog.url}/{manifest.directory}").read_metadata()
         except UnsafeCheckpointError as error:
             raise CheckpointError(f"{catalog.url}/{manifest.directory}/{error}") from None
-        print(f"{manifest.directory}: step {manifest.step}, tags {','.join(manifest.tags) or '-'}, "
-              f"world size {manifest.world_size}, progress {manifest.progress}")
+        print(
+            f"{manifest.directory}: step {manifest.step}, tags {','.join(manifest.tags) or '-'}, "
+            f"world size {manifest.world_size}, progress {manifest.progress}"
+        )
         for key, entry in sorted(metadata.state_dict_metadata.items()):
             if hasattr(entry, "size"):
                 print(f"  {key:60s} {str(entry.properties.dtype).replace('torch.', ''):9s} {tuple(entry.size)}")
@@ -92,8 +99,10 @@ def inspect(args) -> int:
         size = sum(f["size"] for f in m.files.values()) / 1e6
         mse = m.metrics.get("val_mse")
         tags = ",".join(m.tags + (["latest"] if name == newest else [])) or "-"
-        print(f"{name:22s} {'committed':9s} {m.step:7d} {tags:18s} {m.world_size:5d} "
-              f"{size:9.2f} {'' if mse is None else f'{mse:9.4f}'}")
+        print(
+            f"{name:22s} {'committed':9s} {m.step:7d} {tags:18s} {m.world_size:5d} "
+            f"{size:9.2f} {'' if mse is None else f'{mse:9.4f}'}"
+        )
     return 1 if listing.damaged or listing.rejected else 0
 
 
@@ -108,8 +117,14 @@ def verify(args) -> int:
     for m in chosen:
         problems = catalog.problems(m)
         bad += bool(problems)
-        print(f"{m.directory}: " + ("CORRUPT: " + "; ".join(problems) if problems else
-                                    f"ok ({len(m.files)} files, sizes and checksums match)"))
+        print(
+            f"{m.directory}: "
+            + (
+                "CORRUPT: " + "; ".join(problems)
+                if problems
+                else f"ok ({len(m.files)} files, sizes and checksums match)"
+            )
+        )
     for name in others:
         status, why = _state(listing, name)
         bad += status in ("damaged", "rejected")
@@ -126,10 +141,12 @@ def status(args) -> int:
     events = run.events()
     starts = [i for i, e in enumerate(events) if e["event"] in ("start", "resume") and e["time"] >= args.since]
     if not starts:
-        print(f"{run.url}: no start of training since {args.since:.0f} (the job stopped before it: bad "
-              "configuration, run directory in use, storage unreachable; its output says which) (exit 2)")
+        print(
+            f"{run.url}: no start of training since {args.since:.0f} (the job stopped before it: bad "
+            "configuration, run directory in use, storage unreachable; its output says which) (exit 2)"
+        )
         return 2
-    last = events[starts[-1]:]
+    last = events[starts[-1] :]
     ending = next((e for e in reversed(last) if e.get("event") in ("end", "stop", "diverged")), None)
     if ending is None:
         code, words = EXIT_CRASH, "the last start ended without a stop or an end (killed, crashed or running)"
@@ -147,6 +164,7 @@ def status(args) -> int:
 
 def export(args) -> int:
     from .export import export as write_export
+
     paths = write_export(args.run, args.out, args.step, args.format, args.separate, _run(args).storage)
     for path in paths:
         print(f"wrote {path}")
@@ -155,6 +173,7 @@ def export(args) -> int:
 
 def report(args) -> int:
     from .report import check_run, format_report
+
     result = check_run(_run(args))
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0 if result["ok"] else 1
@@ -162,12 +181,14 @@ def report(args) -> int:
 
 def plot(args) -> int:
     from .plots import plot_run
+
     print(f"wrote {plot_run(_run(args), args.out)}")
     return 0
 
 
 def evaluate(args) -> int:
     from .inference import ModelManager
+
     manager = ModelManager.load(args.run, which=args.step)
     print(json.dumps(manager.evaluate(args.num_samples), indent=2))
     if args.visualize:
@@ -179,13 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtrain", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("train", help="train or continue a run (dtrain train --help)", add_help=False)
-    for name, function, text in (("inspect", inspect, "list a run's checkpoints, or one's tensors"),
-                                 ("verify", verify, "check checkpoints against their manifests"),
-                                 ("export", export, "write a consolidated model for inference"),
-                                 ("report", report, "interruptions, lost steps, sample coverage, checkpoints"),
-                                 ("plot", plot, "loss and validation curves to PNG, resumes marked"),
-                                 ("evaluate", evaluate, "a checkpoint or export against k-means and the set mean"),
-                                 ("status", status, "how the last start ended, as its exit code")):
+    for name, function, text in (
+        ("inspect", inspect, "list a run's checkpoints, or one's tensors"),
+        ("verify", verify, "check checkpoints against their manifests"),
+        ("export", export, "write a consolidated model for inference"),
+        ("report", report, "interruptions, lost steps, sample coverage, checkpoints"),
+        ("plot", plot, "loss and validation curves to PNG, resumes marked"),
+        ("evaluate", evaluate, "a checkpoint or export against k-means and the set mean"),
+        ("status", status, "how the last start ended, as its exit code"),
+    ):
         sub = commands.add_parser(name, help=text, description=text)
         sub.set_defaults(function=function)
         sub.add_argument("run", metavar="RUN", help="run directory (path or URL); evaluate also takes an export")
@@ -193,9 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands.choices["inspect"].add_argument("--step", help="latest, best or a step: list its tensors")
     commands.choices["verify"].add_argument("step", nargs="?", help="latest, best or a step (default: all)")
     commands.choices["report"].add_argument("--json", action="store_true", help="machine-readable output")
-    commands.choices["status"].add_argument("--since", type=float, default=0.0, metavar="EPOCH_SECONDS",
-                                            help="only a start at or after this time counts (e.g. $(date +%%s) "
-                                                 "taken before launching)")
+    commands.choices["status"].add_argument(
+        "--since",
+        type=float,
+        default=0.0,
+        metavar="EPOCH_SECONDS",
+        help="only a start at or after this time counts (e.g. $(date +%%s) taken before launching)",
+    )
     commands.choices["plot"].add_argument("--out", required=True, help="PNG file to write")
     evaluator = commands.choices["evaluate"]
     evaluator.add_argument("--step", default="latest", help="latest, best or a step (runs only)")
@@ -205,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--step", default="latest", help="latest, best or a step (default: latest)")
     exporter.add_argument("--out", required=True, help="output file, or directory with --separate")
     exporter.add_argument("--format", choices=("pt", "safetensors"), default="pt")
-    exporter.add_argument("--separate", action="store_true",
-                          help="write OUT/model.pt and OUT/optimizer.pt (full, unsharded state dicts)")
+    exporter.add_argument(
+        "--separate", action="store_true", help="write OUT/model.pt and OUT/optimizer.pt (full, unsharded state dicts)"
+    )
     return parser
 
 

@@ -3,6 +3,7 @@
 Precedence, lowest first: the dataclass defaults (the ``small`` preset), the
 chosen preset, a TOML or JSON file, then ``--section.key=value`` options.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,10 +50,16 @@ class DataConfig:
     seed: int = opt(0, "seed of the training examples and their order")
     val_seed: int = opt(1, "seed of the validation set")
     record_indices: bool = opt(False, "append each rank's consumed sample indices to RUN/samples/")
-    resize_now: bool = opt(False, "on resume with a new train_samples: end the current epoch now "
-                                  "(default: finish it at its old length, resize from the next one)")
-    allow_new_order: bool = opt(False, "on resume, accept a new data.seed or data.mode: a new epoch "
-                                       "starts with it at once (otherwise that is an error)")
+    resize_now: bool = opt(
+        False,
+        "on resume with a new train_samples: end the current epoch now "
+        "(default: finish it at its old length, resize from the next one)",
+    )
+    allow_new_order: bool = opt(
+        False,
+        "on resume, accept a new data.seed or data.mode: a new epoch "
+        "starts with it at once (otherwise that is an error)",
+    )
 
 
 @dataclass
@@ -67,9 +74,12 @@ class TrainConfig:
     warmup_fraction: float = opt(0.05, "fraction of the planned samples spent warming up linearly")
     step_milestones: str = opt("0.5,0.75", "step schedule: progress fractions where lr is multiplied by step_gamma")
     step_gamma: float = opt(0.1, "step schedule: factor applied at each milestone")
-    reconfigure_scheduler: bool = opt(False, "on resume with a new plan (steps, epochs, samples): re-plan the "
-                                              "LR decay from the current point to the new end (default: "
-                                              "keep the old curve)")
+    reconfigure_scheduler: bool = opt(
+        False,
+        "on resume with a new plan (steps, epochs, samples): re-plan the "
+        "LR decay from the current point to the new end (default: "
+        "keep the old curve)",
+    )
     scale_lr: bool = opt(False, "on resume with a new global batch size: scale the LR linearly with it")
     weight_decay: float = opt(0.01, "AdamW weight decay")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 disables")
@@ -79,41 +89,55 @@ class TrainConfig:
     seed: int = opt(0, "seed of the model initialisation and of dropout")
     device: str = opt("auto", "auto (cuda when available), cpu or cuda")
     precision: str = opt("auto", "auto (bf16 on cuda, fp32 on cpu), fp32 or bf16")
-    step_timeout: float = opt(300.0, "seconds a rank waits for the next step boundary (saves and evaluation "
-                                     "not counted) before it decides a live rank is stuck and exits, so "
-                                     "the launcher restarts the job (2+ ranks); 0 disables")
-    heartbeat_timeout: float = opt(60.0, "seconds a rank goes without hearing from the next rank, in any "
-                                         "phase (steps, saves, evaluation), before it decides that rank "
-                                         "is stopped or unreachable and exits, so the launcher restarts "
-                                         "the job (2+ ranks); 0 disables")
+    step_timeout: float = opt(
+        300.0,
+        "seconds a rank waits for the next step boundary (saves and evaluation "
+        "not counted) before it decides a live rank is stuck and exits, so "
+        "the launcher restarts the job (2+ ranks); 0 disables",
+    )
+    heartbeat_timeout: float = opt(
+        60.0,
+        "seconds a rank goes without hearing from the next rank, in any "
+        "phase (steps, saves, evaluation), before it decides that rank "
+        "is stopped or unreachable and exits, so the launcher restarts "
+        "the job (2+ ranks); 0 disables",
+    )
 
 
 @dataclass
 class CheckpointConfig:
     interval_steps: int = opt(100, "save every this many steps; 0 disables")
     interval_epochs: int = opt(0, "save at every this many completed epochs; 0 disables")
-    interval_seconds: float = opt(0.0, "save once this many seconds passed since the last save "
-                                        "(rank 0's clock, agreed by all ranks); 0 disables")
+    interval_seconds: float = opt(
+        0.0, "save once this many seconds passed since the last save (rank 0's clock, agreed by all ranks); 0 disables"
+    )
     keep_last: int = opt(3, "keep this many newest committed checkpoints, plus best and keep_every; 0 keeps all")
     keep_every: int = opt(0, "also keep checkpoints whose step is a multiple of this; 0 disables")
     async_save: bool = opt(False, "write interval saves in the background (final saves stay synchronous)")
-    verify: bool = opt(True, "check every byte a load reads against the manifest's checksums "
-                             "(sizes are always checked)")
+    verify: bool = opt(
+        True, "check every byte a load reads against the manifest's checksums (sizes are always checked)"
+    )
     save_best: bool = opt(True, "save when validation MSE reaches a new best (tagged best)")
-    endpoint_url: str = opt("", "S3 endpoint URL for every file of the run; empty: AWS_ENDPOINT_URL and the "
-                                "usual AWS configuration")
+    endpoint_url: str = opt(
+        "", "S3 endpoint URL for every file of the run; empty: AWS_ENDPOINT_URL and the usual AWS configuration"
+    )
     storage_timeout: float = opt(20.0, "seconds one storage request (S3) may take before it is retried")
     storage_retries: int = opt(3, "attempts per storage request (S3) before the job stops with an error")
-    lease_seconds: float = opt(60.0, "the run directory's lease expires this long after its holder stops "
-                                     "renewing it (a second job is refused while it is held)")
+    lease_seconds: float = opt(
+        60.0,
+        "the run directory's lease expires this long after its holder stops "
+        "renewing it (a second job is refused while it is held)",
+    )
     save_on_signal: bool = opt(True, "on a stop signal, all ranks save at the next step boundary and exit 75")
     stop_signals: str = opt("SIGTERM,SIGUSR1,SIGINT", "signals that ask the job to save and stop")
-    grace_seconds: float = opt(0.0, "after a stop signal, exit at once if not done within this many "
-                                    "seconds; 0: no deadline (a second signal always exits at once)")
+    grace_seconds: float = opt(
+        0.0,
+        "after a stop signal, exit at once if not done within this many "
+        "seconds; 0: no deadline (a second signal always exits at once)",
+    )
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-            "checkpoint": CheckpointConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "checkpoint": CheckpointConfig}
 SCHEDULES = ("constant", "linear", "cosine", "step", "warmup_decay")
 RESUME_CHOICES = ("latest", "best", "never", "restart")
 
@@ -161,8 +185,10 @@ class ExperimentConfig:
             raise ConfigError(f"{dotted}={value!r} in {source}: expected {kind.__name__}") from None
 
     def to_dict(self) -> dict:
-        return {"preset": self.preset_name,
-                **{section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}}
+        return {
+            "preset": self.preset_name,
+            **{section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS},
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -173,19 +199,30 @@ class ExperimentConfig:
 
 PRESETS: dict[str, dict] = {
     # Seconds on a CPU: the test-suite's model.
-    "tiny": {"model": {"width": 32, "layers": 2, "heads": 2},
-             "data": {"points": 16, "train_samples": 4096, "val_samples": 64},
-             "train": {"global_batch_size": 16, "max_steps": 50, "eval_interval": 25,
-                       "log_interval": 5, "eval_batch_size": 32}},
+    "tiny": {
+        "model": {"width": 32, "layers": 2, "heads": 2},
+        "data": {"points": 16, "train_samples": 4096, "val_samples": 64},
+        "train": {
+            "global_batch_size": 16,
+            "max_steps": 50,
+            "eval_interval": 25,
+            "log_interval": 5,
+            "eval_batch_size": 32,
+        },
+    },
     # The default run: a few minutes on a 2-core CPU.
     "small": {},
     # GPU sizes.
-    "medium": {"model": {"width": 512, "layers": 8, "heads": 8},
-               "data": {"points": 256, "train_samples": 1_000_000},
-               "train": {"global_batch_size": 256, "lr": 3e-4}},
-    "large": {"model": {"width": 1024, "layers": 24, "heads": 16},
-              "data": {"points": 512, "train_samples": 4_000_000},
-              "train": {"global_batch_size": 256, "lr": 2e-4}},
+    "medium": {
+        "model": {"width": 512, "layers": 8, "heads": 8},
+        "data": {"points": 256, "train_samples": 1_000_000},
+        "train": {"global_batch_size": 256, "lr": 3e-4},
+    },
+    "large": {
+        "model": {"width": 1024, "layers": 24, "heads": 16},
+        "data": {"points": 512, "train_samples": 4_000_000},
+        "train": {"global_batch_size": 256, "lr": 2e-4},
+    },
 }
 
 
@@ -198,8 +235,10 @@ def dotted_items(values: dict, source: str) -> dict:
         if section not in SECTIONS:
             raise ConfigError(f"unknown section {section!r} in {source}; sections are {', '.join(SECTIONS)}")
         if not isinstance(entries, dict):
-            raise ConfigError(f"section {section!r} in {source} is a {type(entries).__name__}; "
-                              f"it must be a table of keys, e.g. [{section}]")
+            raise ConfigError(
+                f"section {section!r} in {source} is a {type(entries).__name__}; "
+                f"it must be a table of keys, e.g. [{section}]"
+            )
         out.update({f"{section}.{key}": value for key, value in entries.items()})
     return out
 
@@ -244,16 +283,21 @@ def load_file(path: str) -> dict:
         text = file.read_text()
         values = json.loads(text) if file.suffix == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"config file {path!r} is not valid {'JSON' if file.suffix == '.json' else 'TOML'}: "
-                          f"{str(error).splitlines()[0]}") from None
+        raise ConfigError(
+            f"config file {path!r} is not valid {'JSON' if file.suffix == '.json' else 'TOML'}: "
+            f"{str(error).splitlines()[0]}"
+        ) from None
     except OSError as error:
         raise ConfigError(f"config file {path!r} cannot be read: {error.strerror}") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"config file {path!r} holds a {type(values).__name__}; it must hold sections "
-                          "such as [train] (TOML) or {\"train\": {...}} (JSON)")
+        raise ConfigError(
+            f"config file {path!r} holds a {type(values).__name__}; it must hold sections "
+            'such as [train] (TOML) or {"train": {...}} (JSON)'
+        )
     if "preset" in values and (not isinstance(values["preset"], str) or values["preset"] not in PRESETS):
-        raise ConfigError(f"config file {path!r}: preset {values['preset']!r} is unknown; "
-                          f"choose one of {', '.join(PRESETS)}")
+        raise ConfigError(
+            f"config file {path!r}: preset {values['preset']!r} is unknown; choose one of {', '.join(PRESETS)}"
+        )
     return values
 
 
@@ -266,52 +310,82 @@ def validate(config: ExperimentConfig, world_size: int | None = None) -> None:
                 raise ConfigError(f"--{section}.{key}={value} is not a finite number")
             if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
                 raise ConfigError(f"--{section}.{key}={value} is too large; use a value below 2**63")
-    positive = {"model.width": m.width, "model.layers": m.layers, "model.heads": m.heads,
-                "model.mlp_ratio": m.mlp_ratio, "data.dim": d.dim, "data.points": d.points,
-                "data.min_components": d.min_components, "data.train_samples": d.train_samples,
-                "data.val_samples": d.val_samples, "data.box": d.box, "data.min_snr": d.min_snr,
-                "data.weight_concentration": d.weight_concentration,
-                "train.global_batch_size": t.global_batch_size, "train.lr": t.lr,
-                "train.eval_batch_size": t.eval_batch_size, "train.log_interval": t.log_interval}
+    positive = {
+        "model.width": m.width,
+        "model.layers": m.layers,
+        "model.heads": m.heads,
+        "model.mlp_ratio": m.mlp_ratio,
+        "data.dim": d.dim,
+        "data.points": d.points,
+        "data.min_components": d.min_components,
+        "data.train_samples": d.train_samples,
+        "data.val_samples": d.val_samples,
+        "data.box": d.box,
+        "data.min_snr": d.min_snr,
+        "data.weight_concentration": d.weight_concentration,
+        "train.global_batch_size": t.global_batch_size,
+        "train.lr": t.lr,
+        "train.eval_batch_size": t.eval_batch_size,
+        "train.log_interval": t.log_interval,
+    }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"--{key}={value} must be positive")
-    non_negative = {"train.max_steps": t.max_steps, "train.num_epochs": t.num_epochs,
-                    "train.micro_batch_size": t.micro_batch_size, "train.grad_clip": t.grad_clip,
-                    "train.weight_decay": t.weight_decay, "train.eval_interval": t.eval_interval,
-                    "model.dropout": m.dropout, "data.seed": d.seed, "data.val_seed": d.val_seed,
-                    "train.seed": t.seed, "train.step_timeout": t.step_timeout,
-                    "train.heartbeat_timeout": t.heartbeat_timeout, **{f"checkpoint.{k}": v for k, v in
-                                             dataclasses.asdict(config.checkpoint).items()
-                                             if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+    non_negative = {
+        "train.max_steps": t.max_steps,
+        "train.num_epochs": t.num_epochs,
+        "train.micro_batch_size": t.micro_batch_size,
+        "train.grad_clip": t.grad_clip,
+        "train.weight_decay": t.weight_decay,
+        "train.eval_interval": t.eval_interval,
+        "model.dropout": m.dropout,
+        "data.seed": d.seed,
+        "data.val_seed": d.val_seed,
+        "train.seed": t.seed,
+        "train.step_timeout": t.step_timeout,
+        "train.heartbeat_timeout": t.heartbeat_timeout,
+        **{
+            f"checkpoint.{k}": v
+            for k, v in dataclasses.asdict(config.checkpoint).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        },
+    }
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"--{key}={value} must not be negative")
     if t.max_steps == 0 and t.num_epochs == 0:
         raise ConfigError("nothing to train: set --train.max_steps or --train.num_epochs above 0")
     if m.width % m.heads:
-        raise ConfigError(f"--model.width={m.width} is not divisible by --model.heads={m.heads}; "
-                          "choose heads that divide the width")
+        raise ConfigError(
+            f"--model.width={m.width} is not divisible by --model.heads={m.heads}; choose heads that divide the width"
+        )
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"--model.dropout={m.dropout} must be in [0, 1)")
     if d.max_components < d.min_components:
-        raise ConfigError(f"--data.max_components={d.max_components} is below "
-                          f"--data.min_components={d.min_components}; raise it")
+        raise ConfigError(
+            f"--data.max_components={d.max_components} is below --data.min_components={d.min_components}; raise it"
+        )
     if d.max_components > d.points:
-        raise ConfigError(f"--data.max_components={d.max_components} exceeds --data.points="
-                          f"{d.points}; use fewer components or more points")
+        raise ConfigError(
+            f"--data.max_components={d.max_components} exceeds --data.points="
+            f"{d.points}; use fewer components or more points"
+        )
     if d.max_snr < d.min_snr:
         raise ConfigError(f"--data.max_snr={d.max_snr} is below --data.min_snr={d.min_snr}; raise it")
     # Points lie within box * (1 + 10 / min_snr) of the origin (no normal draw passes 10 sigma); the
     # loss squares and sums them in float32, which holds 3.4e38.
     reach = d.box * (1 + 10 / d.min_snr)
     if not reach <= 1e15:
-        raise ConfigError(f"--data.box={d.box:g} with --data.min_snr={d.min_snr:g} puts points up to {reach:.3g} "
-                          "from the origin, too far for float32 (the loss squares them): keep "
-                          "box * (1 + 10 / min_snr) under 1e15")
+        raise ConfigError(
+            f"--data.box={d.box:g} with --data.min_snr={d.min_snr:g} puts points up to {reach:.3g} "
+            "from the origin, too far for float32 (the loss squares them): keep "
+            "box * (1 + 10 / min_snr) under 1e15"
+        )
     if not d.weight_concentration * d.max_components < 1e300:  # the Dirichlet draws' sum must be finite
-        raise ConfigError(f"--data.weight_concentration={d.weight_concentration:g} overflows the mixture "
-                          "weights; any value above 1e3 already gives equal weights: use one")
+        raise ConfigError(
+            f"--data.weight_concentration={d.weight_concentration:g} overflows the mixture "
+            "weights; any value above 1e3 already gives equal weights: use one"
+        )
     if d.mode not in ("fixed", "dynamic"):
         raise ConfigError(f"--data.mode={d.mode!r} is unknown; use fixed or dynamic")
     if t.schedule not in SCHEDULES:
@@ -325,24 +399,32 @@ def validate(config: ExperimentConfig, world_size: int | None = None) -> None:
     except ValueError:
         milestones = [-1.0]
     if any(not 0 < x < 1 for x in milestones):
-        raise ConfigError(f"--train.step_milestones={t.step_milestones!r} must be comma-separated "
-                          "fractions between 0 and 1, e.g. 0.5,0.75")
+        raise ConfigError(
+            f"--train.step_milestones={t.step_milestones!r} must be comma-separated "
+            "fractions between 0 and 1, e.g. 0.5,0.75"
+        )
     if t.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--train.device={t.device!r} is unknown; use auto, cpu or cuda")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--train.precision={t.precision!r} is unknown; use auto, fp32 or bf16")
     stop_signals(ck.stop_signals)
     if 0 < t.heartbeat_timeout < 1:
-        raise ConfigError(f"--train.heartbeat_timeout={t.heartbeat_timeout:g} is under a second, shorter than "
-                          "a live rank can be kept from its store; use at least 1, or 0 to turn it off")
+        raise ConfigError(
+            f"--train.heartbeat_timeout={t.heartbeat_timeout:g} is under a second, shorter than "
+            "a live rank can be kept from its store; use at least 1, or 0 to turn it off"
+        )
     if ck.storage_timeout <= 0 or ck.storage_retries < 1 or ck.lease_seconds < 3:
-        raise ConfigError("--checkpoint.storage_timeout must be positive, --checkpoint.storage_retries at "
-                          "least 1 and --checkpoint.lease_seconds at least 3")
+        raise ConfigError(
+            "--checkpoint.storage_timeout must be positive, --checkpoint.storage_retries at "
+            "least 1 and --checkpoint.lease_seconds at least 3"
+        )
     if ck.endpoint_url:
         parts = urllib.parse.urlsplit(ck.endpoint_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"--checkpoint.endpoint_url={ck.endpoint_url!r} is not an http(s) URL; "
-                              "use e.g. https://s3.example.com or http://127.0.0.1:9000")
+            raise ConfigError(
+                f"--checkpoint.endpoint_url={ck.endpoint_url!r} is not an http(s) URL; "
+                "use e.g. https://s3.example.com or http://127.0.0.1:9000"
+            )
     if world_size is not None:
         micro_batches(config, world_size)
 
@@ -359,12 +441,15 @@ def stop_signals(names: str) -> list[signal.Signals]:
             continue
         name = name if name.startswith("SIG") else f"SIG{name}"
         if name in UNCATCHABLE:
-            raise ConfigError(f"--checkpoint.stop_signals: {name} cannot be caught by any process; "
-                              "use SIGTERM, SIGUSR1, SIGUSR2 or SIGINT")
+            raise ConfigError(
+                f"--checkpoint.stop_signals: {name} cannot be caught by any process; "
+                "use SIGTERM, SIGUSR1, SIGUSR2 or SIGINT"
+            )
         number = getattr(signal.Signals, name, None) if name.isidentifier() else None
         if number is None:
-            raise ConfigError(f"--checkpoint.stop_signals: {raw.strip()!r} is not a signal; "
-                              "use names such as SIGTERM,SIGUSR1")
+            raise ConfigError(
+                f"--checkpoint.stop_signals: {raw.strip()!r} is not a signal; use names such as SIGTERM,SIGUSR1"
+            )
         out.append(number)
     return out
 
@@ -373,14 +458,17 @@ def micro_batches(config: ExperimentConfig, world_size: int) -> tuple[int, int]:
     """(micro-batch size, accumulation steps) that make the global batch on ``world_size`` ranks."""
     g, micro = config.train.global_batch_size, config.train.micro_batch_size
     if g % world_size:
-        raise ConfigError(f"--train.global_batch_size={g} cannot be split over {world_size} ranks; "
-                          f"use a multiple of {world_size}")
+        raise ConfigError(
+            f"--train.global_batch_size={g} cannot be split over {world_size} ranks; use a multiple of {world_size}"
+        )
     per_rank = g // world_size
     micro = micro or per_rank
     if per_rank % micro:
-        raise ConfigError(f"--train.global_batch_size={g} on {world_size} ranks gives {per_rank} "
-                          f"samples per rank, not a multiple of --train.micro_batch_size={micro}; "
-                          f"use a global batch that is a multiple of {world_size * micro}")
+        raise ConfigError(
+            f"--train.global_batch_size={g} on {world_size} ranks gives {per_rank} "
+            f"samples per rank, not a multiple of --train.micro_batch_size={micro}; "
+            f"use a global batch that is a multiple of {world_size * micro}"
+        )
     return micro, per_rank // micro
 
 
@@ -390,27 +478,43 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog=prog, description=description, allow_abbrev=False,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=list(PRESETS), default=None,
-                        help="starting configuration (default: small)")
+    parser = _OneLineParser(
+        prog=prog, description=description, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=list(PRESETS), default=None, help="starting configuration (default: small)")
     parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of [section] keys")
-    parser.add_argument("--run-dir", metavar="PATH_OR_URL", default="runs/default",
-                        help="where config, metrics, events and checkpoints go (default: runs/default)")
-    parser.add_argument("--resume", default="latest", metavar="latest|best|STEP|never|restart",
-                        help="in a run directory that holds a run, continue from the newest committed "
-                             "checkpoint (latest), the best one, a step, or refuse (never); restart: "
-                             "start from step 0 in a run directory that has no committed checkpoint, "
-                             "leaving what is there untouched (default: latest)")
-    parser.add_argument("--stop-at-step", type=int, metavar="N",
-                        help="stop after step N, saving a checkpoint, without changing the plan "
-                             "(the next start continues); for time-sliced jobs and tests")
+    parser.add_argument(
+        "--run-dir",
+        metavar="PATH_OR_URL",
+        default="runs/default",
+        help="where config, metrics, events and checkpoints go (default: runs/default)",
+    )
+    parser.add_argument(
+        "--resume",
+        default="latest",
+        metavar="latest|best|STEP|never|restart",
+        help="in a run directory that holds a run, continue from the newest committed "
+        "checkpoint (latest), the best one, a step, or refuse (never); restart: "
+        "start from step 0 in a run directory that has no committed checkpoint, "
+        "leaving what is there untouched (default: latest)",
+    )
+    parser.add_argument(
+        "--stop-at-step",
+        type=int,
+        metavar="N",
+        help="stop after step N, saving a checkpoint, without changing the plan "
+        "(the next start continues); for time-sliced jobs and tests",
+    )
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} options")
         for f in dataclasses.fields(cls):
-            group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}",
-                               default=argparse.SUPPRESS, metavar=type(f.default).__name__.upper(),
-                               help=f"{f.metadata['help']} (default: {f.default})")
+            group.add_argument(
+                f"--{section}.{f.name}",
+                dest=f"{section}.{f.name}",
+                default=argparse.SUPPRESS,
+                metavar=type(f.default).__name__.upper(),
+                help=f"{f.metadata['help']} (default: {f.default})",
+            )
     return parser
 
 
@@ -439,8 +543,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Nam
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         name = unknown[0].split("=")[0]
-        parser.exit(2, f"{parser.prog}: error: unknown option {name}"
-                       f"{_suggest(name.lstrip('-'), all_keys())}\n")
+        parser.exit(2, f"{parser.prog}: error: unknown option {name}{_suggest(name.lstrip('-'), all_keys())}\n")
     try:
         settings = Settings()
         if args.config:

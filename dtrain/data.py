@@ -6,6 +6,7 @@ so any example can be made at any time, on any rank, in any order. Each example
 takes a fixed number of draws; everything after the draws is vectorised over
 the batch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,9 +26,16 @@ def train_streams(mode: str, epochs):
 
 
 def mixture_spec(data_cfg) -> MixtureSpec:
-    return MixtureSpec(data_cfg.dim, data_cfg.points, data_cfg.min_components,
-                       data_cfg.max_components, data_cfg.box, data_cfg.min_snr,
-                       data_cfg.max_snr, data_cfg.weight_concentration)
+    return MixtureSpec(
+        data_cfg.dim,
+        data_cfg.points,
+        data_cfg.min_components,
+        data_cfg.max_components,
+        data_cfg.box,
+        data_cfg.min_snr,
+        data_cfg.max_snr,
+        data_cfg.weight_concentration,
+    )
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ Under torchrun the group comes from the environment (``env://``); run as a plain
 ``python -m dtrain.train`` it is a one-rank group on an in-memory store, so the
 single-process path is the same FSDP2 code as the multi-rank one.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -70,18 +71,29 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 600) ->
             # run with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and take the next branch (docs/elastic.md).
             store = dist.PrefixStore(
                 f"dtrain/restart_{os.environ['TORCHELASTIC_RESTART_COUNT']}/",
-                dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                              int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout))
-            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
-                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+                dist.TCPStore(
+                    os.environ["MASTER_ADDR"],
+                    int(os.environ["MASTER_PORT"]),
+                    int(os.environ["WORLD_SIZE"]),
+                    is_master=False,
+                    timeout=timeout,
+                ),
+            )
+            dist.init_process_group(
+                backend,
+                store=store,
+                rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]),
+                timeout=timeout,
+            )
         elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend, timeout=timeout)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=timeout)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
-                       device, backend, mesh, owns_group)
+    return DistContext(
+        dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device, backend, mesh, owns_group
+    )
 
 
 def shutdown(ctx: DistContext) -> None:

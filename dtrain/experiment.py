@@ -10,6 +10,7 @@
 Training runs in this process as a one-rank group, or as one rank of a torchrun
 job when started under torchrun (every rank runs the same script).
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,14 +55,22 @@ class ExperimentManager:
         if max_steps is not None:
             config.train.max_steps = max_steps
         values = config.to_dict()
-        settings = Settings(preset=config.preset_name,
-                            values={key: values[key.split(".")[0]][key.split(".")[1]] for key in all_keys()},
-                            sources=dict.fromkeys(all_keys(), "ExperimentManager.run"))
+        settings = Settings(
+            preset=config.preset_name,
+            values={key: values[key.split(".")[0]][key.split(".")[1]] for key in all_keys()},
+            sources=dict.fromkeys(all_keys(), "ExperimentManager.run"),
+        )
         return self._train(settings, "latest")
 
-    def resume_training(self, num_epochs: int | None = None, batch_size: int | None = None,
-                        train_samples: int | None = None, reconfigure_scheduler: bool = False,
-                        scale_lr: bool = False, max_steps: int | None = None) -> dict:
+    def resume_training(
+        self,
+        num_epochs: int | None = None,
+        batch_size: int | None = None,
+        train_samples: int | None = None,
+        reconfigure_scheduler: bool = False,
+        scale_lr: bool = False,
+        max_steps: int | None = None,
+    ) -> dict:
         """Continue from the newest committed checkpoint; with no arguments, finish the plan.
 
         ``num_epochs``: that many epochs *more* than planned. ``batch_size``: a new global
@@ -118,5 +127,3 @@ class ExperimentManager:
         """Consolidated weights of this manager's checkpoint: .pt, or .safetensors by suffix."""
         fmt = format or ("safetensors" if str(path).endswith(".safetensors") else "pt")
         return export(self.run_dir, str(path), which=self.checkpoint, fmt=fmt)[0]
-
-

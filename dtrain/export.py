@@ -3,6 +3,7 @@
 No process group is needed: DCP reads every shard of the requested tensors into
 full-size tensors of a plain (unsharded) model, whatever world size wrote them.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,19 +26,22 @@ from .rundir import RunDirectory
 EXPORT_FORMAT = "dtrain-model"
 
 
-def load_from_run(run_url: str, which: str = "latest", optimizer: bool = False, storage: Storage | None = None,
-                  verify: bool = True):
+def load_from_run(
+    run_url: str, which: str = "latest", optimizer: bool = False, storage: Storage | None = None, verify: bool = True
+):
     """``(model, optimizer state dict or None, manifest, config)`` consolidated from a run's checkpoint."""
     run = RunDirectory(run_url, storage)
     catalog = run.catalog()
     manifest = catalog.choose(which, verify)
-    config = (ExperimentConfig.from_dict(manifest.config, source=f"{manifest.directory}/manifest.json")
-              if manifest.config else run.stored_config()[0])
+    config = (
+        ExperimentConfig.from_dict(manifest.config, source=f"{manifest.directory}/manifest.json")
+        if manifest.config
+        else run.stored_config()[0]
+    )
     model = build_model(config.model, config.data.dim)
     wanted = {"model": model.state_dict()}
     if optimizer:
-        optim = torch.optim.AdamW(model.parameters(), lr=config.train.lr,
-                                  weight_decay=config.train.weight_decay)
+        optim = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
         _, wanted["optimizer"] = get_state_dict(model, optim)  # creates AdamW's state to fill
     url = f"{catalog.url}/{manifest.directory}"
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
@@ -55,20 +59,34 @@ def load_from_run(run_url: str, which: str = "latest", optimizer: bool = False, 
     return model.eval(), loaded.get("optimizer"), manifest, config
 
 
-def export(run_url: str, out: str, which: str = "latest", fmt: str = "pt", separate: bool = False,
-           storage: Storage | None = None) -> list[Path]:
+def export(
+    run_url: str,
+    out: str,
+    which: str = "latest",
+    fmt: str = "pt",
+    separate: bool = False,
+    storage: Storage | None = None,
+) -> list[Path]:
     """Write a consolidated model (``.pt`` or ``.safetensors``), or model.pt + optimizer.pt in ``out``."""
     target = _output_path(run_url, out, separate)
     model, optim, manifest, config = load_from_run(run_url, which, optimizer=separate, storage=storage)
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
-    header = {"format": EXPORT_FORMAT, "version": 1, "config": config.to_dict(), "step": manifest.step,
-              "checkpoint": manifest.directory}
+    header = {
+        "format": EXPORT_FORMAT,
+        "version": 1,
+        "config": config.to_dict(),
+        "step": manifest.step,
+        "checkpoint": manifest.directory,
+    }
     if separate:
-        written = [_write(target / "model.pt", lambda f: torch.save({**header, "model": weights}, f)),
-                   _write(target / "optimizer.pt", lambda f: torch.save({**header, "optimizer": optim}, f))]
+        written = [
+            _write(target / "model.pt", lambda f: torch.save({**header, "model": weights}, f)),
+            _write(target / "optimizer.pt", lambda f: torch.save({**header, "optimizer": optim}, f)),
+        ]
         return written
     if fmt == "safetensors":
         from safetensors.torch import save_file
+
         metadata = {"format": EXPORT_FORMAT, "config": json.dumps(header["config"]), "step": str(manifest.step)}
         return [_write(target, lambda f: save_file(weights, str(f), metadata=metadata))]
     return [_write(target, lambda f: torch.save({**header, "model": weights}, f))]
@@ -83,8 +101,10 @@ def _output_path(run_url: str, out: str, separate: bool) -> Path:
         run = Path(run_url).expanduser().absolute()
         inside = target == run or run in target.parents
         if inside and (run / "exports") not in [target, *target.parents]:
-            raise ConfigError(f"--out={out} is inside the run directory {run}: it could overwrite the run's "
-                              f"files; write to {run / 'exports'} or elsewhere")
+            raise ConfigError(
+                f"--out={out} is inside the run directory {run}: it could overwrite the run's "
+                f"files; write to {run / 'exports'} or elsewhere"
+            )
     if not separate and target.is_dir():
         raise ConfigError(f"--out={out} is a directory; give a file name such as {target / 'model.pt'}")
     if separate and target.exists() and not target.is_dir():
@@ -105,8 +125,9 @@ def _write(path: Path, save) -> Path:
     return path
 
 
-def load_model(source: str, which: str = "latest", config: ExperimentConfig | None = None,
-               storage: Storage | None = None) -> tuple[ClusterTransformer, ExperimentConfig]:
+def load_model(
+    source: str, which: str = "latest", config: ExperimentConfig | None = None, storage: Storage | None = None
+) -> tuple[ClusterTransformer, ExperimentConfig]:
     """A model for inference from a run directory, an export, or a plain ``torch.save`` file.
 
     A plain file may hold the model's state dict itself, or a dict with it under
@@ -123,14 +144,17 @@ def load_model(source: str, which: str = "latest", config: ExperimentConfig | No
     except DtrainError:
         raise
     except Exception as error:  # what a file that is not a model can raise while being read
-        raise CheckpointError(f"{source} is not a dtrain export, a torch.save of a model state dict, or a run "
-                              f"directory ({type(error).__name__}: {' '.join(str(error).split())[:160]})") from None
+        raise CheckpointError(
+            f"{source} is not a dtrain export, a torch.save of a model state dict, or a run "
+            f"directory ({type(error).__name__}: {' '.join(str(error).split())[:160]})"
+        ) from None
 
 
 def _load_file(source: str, config: ExperimentConfig | None) -> tuple[ClusterTransformer, ExperimentConfig]:
     if source.endswith(".safetensors"):
         from safetensors import safe_open
         from safetensors.torch import load_file
+
         with safe_open(source, "pt") as f:
             config = ExperimentConfig.from_dict(json.loads(f.metadata()["config"]))
         weights = load_file(source)
@@ -140,8 +164,10 @@ def _load_file(source: str, config: ExperimentConfig | None) -> tuple[ClusterTra
             config = ExperimentConfig.from_dict(blob["config"])
         weights = blob.get("model", blob.get("model_state_dict", blob))
         if config is None:
-            raise ConfigError(f"{source} is a plain state dict without the model's configuration; "
-                              "pass config=ExperimentConfig.preset(...) matching it")
+            raise ConfigError(
+                f"{source} is a plain state dict without the model's configuration; "
+                "pass config=ExperimentConfig.preset(...) matching it"
+            )
     model = build_model(config.model, config.data.dim)
     model.load_state_dict(weights)
     return model.eval(), config
@@ -154,6 +180,7 @@ def load_separate(directory: str, model: ClusterTransformer, optimizer: torch.op
     loads into any optimizer built over the same model, whatever order it lists parameters in.
     """
     from torch.distributed.checkpoint.state_dict import set_state_dict
+
     weights = torch.load(Path(directory, "model.pt"), map_location="cpu", weights_only=True)
     optim = torch.load(Path(directory, "optimizer.pt"), map_location="cpu", weights_only=True)
     set_state_dict(model, optimizer, model_state_dict=weights["model"], optim_state_dict=optim["optimizer"])

@@ -21,6 +21,7 @@ move on by that much. A store that errors (its host process died: torchrun's age
 or rank 0) is not a hang; the heartbeat stops and the group's own failure, or the
 lost agent (dtrain/preempt.py), decides what happens.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -53,8 +54,12 @@ class PeerHeartbeat:
         them), through a connection of its own; None with one rank, a timeout of 0, or no store."""
         if world_size < 2 or timeout_s <= 0 or "MASTER_ADDR" not in os.environ:
             return None
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=datetime.timedelta(seconds=max(timeout_s, 30)))
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=max(timeout_s, 30)),
+        )
         heartbeat = cls(store, rank, world_size, timeout_s, os.environ.get("TORCHELASTIC_RUN_ID", ""))
         heartbeat.start()
         return heartbeat
@@ -62,8 +67,10 @@ class PeerHeartbeat:
     def start(self) -> None:
         self._stop.clear()
         self._seen = self._read = time.monotonic()
-        self._threads = [threading.Thread(target=self._beat, name="dtrain-heartbeat", daemon=True),
-                         threading.Thread(target=self._watch, name="dtrain-heartbeat-judge", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._beat, name="dtrain-heartbeat", daemon=True),
+            threading.Thread(target=self._watch, name="dtrain-heartbeat-judge", daemon=True),
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -90,8 +97,12 @@ class PeerHeartbeat:
             except Exception as error:  # noqa: BLE001 - the store's host is gone: not a hang
                 self._asking = None
                 if not self._stop.is_set():  # at the end, rank 0's store may go first
-                    print(f"dtrain: rank {self.rank}: the job's store failed ({str(error).splitlines()[0]}); "
-                          "heartbeat off", file=sys.stderr, flush=True)
+                    print(
+                        f"dtrain: rank {self.rank}: the job's store failed ({str(error).splitlines()[0]}); "
+                        "heartbeat off",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 self._stop.set()
                 return
             self._read = time.monotonic()
@@ -114,8 +125,10 @@ class PeerHeartbeat:
             due = now + self.interval_s
             asking, silent = self._asking, self._read - self._seen
             if asking is not None and now - asking > self.timeout_s:
-                why = (f"a request to the job's store has not been answered for {now - asking:.1f} s: its "
-                       "host is stopped or unreachable")
+                why = (
+                    f"a request to the job's store has not been answered for {now - asking:.1f} s: its "
+                    "host is stopped or unreachable"
+                )
             elif silent > self.timeout_s:
                 why = f"no heartbeat from rank {self.peer} for {silent:.1f} s: it is stopped, hung or unreachable"
             else:
@@ -127,7 +140,10 @@ class PeerHeartbeat:
     def _exit(self, why: str) -> None:
         if self._stop.is_set():
             return  # closed meanwhile: the job ended normally
-        print(f"dtrain: rank {self.rank}: {why} (--train.heartbeat_timeout={self.timeout_s:g}); exiting so "
-              "that the launcher restarts the job from the last committed checkpoint",
-              file=sys.stderr, flush=True)
+        print(
+            f"dtrain: rank {self.rank}: {why} (--train.heartbeat_timeout={self.timeout_s:g}); exiting so "
+            "that the launcher restarts the job from the last committed checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(EXIT_CRASH)

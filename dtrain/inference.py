@@ -2,6 +2,7 @@
 
 No process group is needed: shards are consolidated in this one process.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,7 @@ class ModelManager:
     @torch.no_grad()
     def predict(self, points) -> torch.Tensor:
         """Each point's predicted cluster centre: ``[B, N, D]`` (or ``[N, D]``) in, same shape out."""
-        points = torch.as_tensor(np.asarray(points) if not torch.is_tensor(points) else points,
-                                 dtype=torch.float32)
+        points = torch.as_tensor(np.asarray(points) if not torch.is_tensor(points) else points, dtype=torch.float32)
         single = points.dim() == 2
         out = self.model(points[None] if single else points)
         return out[0] if single else out
@@ -44,13 +44,16 @@ class ModelManager:
         """MSE and Wasserstein distance of the model, k-means (told the true K) and the set mean."""
         examples = self.validation_examples(num_samples, seed)
         count = len(examples["points"])
-        sums = {**prediction_sums(self.predict, examples, batch_size),
-                **baseline_sums(examples, seeds=np.arange(count))}
+        sums = {
+            **prediction_sums(self.predict, examples, batch_size),
+            **baseline_sums(examples, seeds=np.arange(count)),
+        }
         return {"num_samples": count, **{name: total / count for name, total in sums.items()}}
 
     def visualize(self, path: str, num_examples: int = 4, seed: int | None = None) -> Path:
         """A PNG of a few validation examples: points by true component, predicted and true centres."""
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -59,13 +62,36 @@ class ModelManager:
         figure, axes = plt.subplots(1, num_examples, figsize=(4.2 * num_examples, 4.4), squeeze=False)
         for i, ax in enumerate(axes[0]):
             pts, k = examples["points"][i], int(examples["num_components"][i])
-            ax.scatter(pts[:, 0], pts[:, 1], c=examples["labels"][i], cmap="tab10", vmin=0, vmax=9, s=14,
-                       alpha=0.55, label="points (colour: true component)")
-            ax.scatter(predicted[i, :, 0], predicted[i, :, 1], marker="x", c="black", s=22, linewidths=1,
-                       label="predicted centre of each point")
-            ax.scatter(examples["means"][i, :k, 0], examples["means"][i, :k, 1], marker="*", s=260,
-                       c="gold", edgecolors="black", label="true centres")
-            mse = squared_error(predicted[i:i + 1], examples["targets"][i:i + 1]).item()
+            ax.scatter(
+                pts[:, 0],
+                pts[:, 1],
+                c=examples["labels"][i],
+                cmap="tab10",
+                vmin=0,
+                vmax=9,
+                s=14,
+                alpha=0.55,
+                label="points (colour: true component)",
+            )
+            ax.scatter(
+                predicted[i, :, 0],
+                predicted[i, :, 1],
+                marker="x",
+                c="black",
+                s=22,
+                linewidths=1,
+                label="predicted centre of each point",
+            )
+            ax.scatter(
+                examples["means"][i, :k, 0],
+                examples["means"][i, :k, 1],
+                marker="*",
+                s=260,
+                c="gold",
+                edgecolors="black",
+                label="true centres",
+            )
+            mse = squared_error(predicted[i : i + 1], examples["targets"][i : i + 1]).item()
             ax.set_title(f"K={k}, sigma={examples['sigma'][i]:.2f}, MSE={mse:.3f}", fontsize=10)
             ax.set_aspect("equal", adjustable="datalim")
         axes[0][0].legend(loc="lower left", fontsize=7, framealpha=0.8)

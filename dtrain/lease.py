@@ -18,6 +18,7 @@ moment and reads the lease back: of two jobs racing, the one whose write
 landed last keeps it. A holder that finds another id in the lease stops
 without committing.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,9 +68,16 @@ class RunLease:
         """``job_id``: a lease shared by every process of that job (the replica groups of one torchft
         job): each renews it, none deletes it (it goes stale when the last one stops)."""
         self.run, self.ttl_s, self.shared = run, ttl_s, job_id is not None
-        self.me = {"id": job_id or uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-                   "pid_started": _process_start(os.getpid()), "job": job_id or launcher_job(),
-                   "acquired": time.time(), "ttl_s": ttl_s, "shared": self.shared}
+        self.me = {
+            "id": job_id or uuid.uuid4().hex,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_started": _process_start(os.getpid()),
+            "job": job_id or launcher_job(),
+            "acquired": time.time(),
+            "ttl_s": ttl_s,
+            "shared": self.shared,
+        }
         self.lost: str = ""  # why the lease was lost, once it was
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -100,8 +108,11 @@ class RunLease:
         if age < -ttl:
             return "it claims a renewal in the future"
         # A shared lease names whichever process renewed it last: that one's end is not the job's.
-        if (holder.get("host") == self.me["host"] and not holder.get("shared")
-                and not _alive(pid, str(holder.get("pid_started", "")))):
+        if (
+            holder.get("host") == self.me["host"]
+            and not holder.get("shared")
+            and not _alive(pid, str(holder.get("pid_started", "")))
+        ):
             return f"its process {pid} on this host is gone"
         if holder.get("job") and holder.get("job") == self.me["job"]:
             return f"it belongs to this job's earlier start ({holder['job']})"
@@ -135,9 +146,11 @@ class RunLease:
             expires = f"in {max(float(holder.get('ttl_s', self.ttl_s)) - renewed, 0):.0f} s"
         except (TypeError, ValueError):
             renewed, expires = math.nan, "soon"
-        return (f"run directory {self.run.url} is in use by another job ({self._who(holder)}, lease renewed "
-                f"{renewed:.0f} s ago); stop that job first, or start this one after its lease expires "
-                f"{expires} (if that job is surely gone, delete {self.run.url}/{LEASE})")
+        return (
+            f"run directory {self.run.url} is in use by another job ({self._who(holder)}, lease renewed "
+            f"{renewed:.0f} s ago); stop that job first, or start this one after its lease expires "
+            f"{expires} (if that job is surely gone, delete {self.run.url}/{LEASE})"
+        )
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
@@ -155,8 +168,10 @@ class RunLease:
             raise LeaseLost(self.lost)
         holder = self._read() or {}
         if holder.get("id") != self.me["id"]:
-            self.lost = (f"another job ({self._who(holder)}) took over {self.run.url}; this job stops "
-                         "without committing anything more")
+            self.lost = (
+                f"another job ({self._who(holder)}) took over {self.run.url}; this job stops "
+                "without committing anything more"
+            )
             raise LeaseLost(self.lost)
 
     def release(self, job_over: bool = False) -> None:

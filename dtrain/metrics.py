@@ -3,6 +3,7 @@
 scipy is imported where it is used: it is half a second of every worker's start,
 and a resumed leg may never evaluate (docs/elastic.md, "Where a restart's seconds go").
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -4,6 +4,7 @@ There is no positional encoding and attention is over the whole set, so the
 network is permutation equivariant: permuting the input points permutes the
 predicted centres the same way.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,16 +28,15 @@ class Block(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.attn_out = nn.Linear(width, width)
         self.mlp_norm = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(),
-                                 nn.Linear(mlp_ratio * width, width))
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, points, width = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(batch, points, 3, self.heads, -1).unbind(2)
         attended = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            dropout_p=self.dropout if self.training else 0.0)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=self.dropout if self.training else 0.0
+        )
         x = x + self.drop(self.attn_out(attended.transpose(1, 2).reshape(batch, points, width)))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
@@ -49,8 +49,7 @@ class ClusterTransformer(nn.Module):
     to float32 before it is undone.
     """
 
-    def __init__(self, dim: int, width: int, layers: int, heads: int, mlp_ratio: int = 4,
-                 dropout: float = 0.0):
+    def __init__(self, dim: int, width: int, layers: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0):
         super().__init__()
         if width % heads:
             raise ValueError(f"model width {width} is not divisible by {heads} heads")
@@ -70,8 +69,9 @@ class ClusterTransformer(nn.Module):
 
 
 def build_model(model_cfg, dim: int) -> ClusterTransformer:
-    return ClusterTransformer(dim, model_cfg.width, model_cfg.layers, model_cfg.heads,
-                              model_cfg.mlp_ratio, model_cfg.dropout)
+    return ClusterTransformer(
+        dim, model_cfg.width, model_cfg.layers, model_cfg.heads, model_cfg.mlp_ratio, model_cfg.dropout
+    )
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -99,7 +99,9 @@ def check_fits(model_cfg, dim: int, world_size: int, device: torch.device) -> No
         lines = meminfo.read_text().splitlines() if meminfo.exists() else []
         free = next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
     if free is not None and need > free:
-        raise ConfigError(f"the model has {params:.3g} parameters (--model.width={model_cfg.width}, "
-                          f"--model.layers={model_cfg.layers}, --model.mlp_ratio={model_cfg.mlp_ratio}) and needs "
-                          f"{need / 2**30:.3g} GiB on this {device.type} host, which has {free / 2**30:.3g} GiB free; "
-                          "choose a smaller width or fewer layers, or more ranks to shard it over")
+        raise ConfigError(
+            f"the model has {params:.3g} parameters (--model.width={model_cfg.width}, "
+            f"--model.layers={model_cfg.layers}, --model.mlp_ratio={model_cfg.mlp_ratio}) and needs "
+            f"{need / 2**30:.3g} GiB on this {device.type} host, which has {free / 2**30:.3g} GiB free; "
+            "choose a smaller width or fewer layers, or more ranks to shard it over"
+        )

@@ -1,4 +1,5 @@
 """FSDP2 sharding policy: each transformer block is a unit, then the network."""
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,9 @@ def shard_model(model: ClusterTransformer, mesh: DeviceMesh, precision: str) -> 
     block_policy = root_policy = MixedPrecisionPolicy()
     if precision == "bf16":
         block_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                           cast_forward_inputs=False)
+        root_policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=block_policy)
     fully_shard(model, mesh=mesh, mp_policy=root_policy)

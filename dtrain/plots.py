@@ -1,4 +1,5 @@
 """Loss and validation curves of a run, from metrics.jsonl, with resumes and interruptions marked."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,17 +10,20 @@ from .rundir import METRICS, RunDirectory
 
 def plot_run(run: RunDirectory | str, path: str) -> Path:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     run = run if isinstance(run, RunDirectory) else RunDirectory(run)
     metrics = run.read_jsonl(METRICS)
+
     def numbers(record, *keys):
         return all(isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool) for k in keys)
 
     train = [r for r in metrics if r.get("kind") == "train" and numbers(r, "step", "loss")]
-    evals = [r for r in metrics if r.get("kind") == "eval" and numbers(r, "step", "val_mse", "kmeans_mse",
-                                                                        "trivial_mse")]
+    evals = [
+        r for r in metrics if r.get("kind") == "eval" and numbers(r, "step", "val_mse", "kmeans_mse", "trivial_mse")
+    ]
     report = check_run(run)
     figure, ax = plt.subplots(figsize=(9, 5))
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.7, label="training loss (MSE)")
@@ -33,12 +37,15 @@ def plot_run(run: RunDirectory | str, path: str) -> Path:
                 ax.axvline(leg["from_step"], color="tab:green", ls=":", lw=1, label="a replica group healed")
             continue
         if i:
-            ax.axvline(leg["from_step"], color="tab:blue", ls="--", lw=1,
-                       label="resume" if i == 1 else None)
+            ax.axvline(leg["from_step"], color="tab:blue", ls="--", lw=1, label="resume" if i == 1 else None)
         if leg["ended"] != "finished" and i + 1 < len(report["legs"]):
             style = {"color": "tab:red", "ls": "-."} if leg["ended"] == "killed" else {"color": "tab:purple"}
-            ax.axvline(leg["last_step"], lw=1.5, **style,
-                       label=f"{'kill' if leg['ended'] == 'killed' else 'preemption (saved)'}")
+            ax.axvline(
+                leg["last_step"],
+                lw=1.5,
+                **style,
+                label=f"{'kill' if leg['ended'] == 'killed' else 'preemption (saved)'}",
+            )
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), fontsize=8)

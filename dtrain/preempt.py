@@ -14,6 +14,7 @@ deadline, ends the process at once: a checkpoint that cannot finish must not
 hold the machine past its notice. A worker whose torchrun agent died stops the
 same way, with a checkpoint (reason ``AGENT_LOST``).
 """
+
 from __future__ import annotations
 
 import os
@@ -61,12 +62,16 @@ class StopRequest:
             timer.start()
 
     def _deadline(self) -> None:
-        print(f"dtrain: grace period of {self.grace_seconds:g} s after {self.received} is over; "
-              "exiting without finishing the checkpoint", file=sys.stderr, flush=True)
+        print(
+            f"dtrain: grace period of {self.grace_seconds:g} s after {self.received} is over; "
+            "exiting without finishing the checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(128 + signal.SIGTERM)
 
     def agree(self, failed: bool = False) -> str | None:
-        """"failure" if any rank failed, "signal" if any was asked to stop, else None
+        """ "failure" if any rank failed, "signal" if any was asked to stop, else None
         (collective: call on every rank, at the same point)."""
         if self.received is None and self._agent is not None and os.getppid() != self._agent:
             self.received, self.received_at, self.received_time = AGENT_LOST, time.monotonic(), time.time()

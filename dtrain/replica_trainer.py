@@ -14,6 +14,7 @@ A step here:
    sampler back, so the same global batch is dealt again over the next quorum.
    No sample is lost or repeated, whatever dies when.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,31 +57,49 @@ class ReplicaTrainer(Trainer):
         """This rank's shards and the group-wide counters, as plain tensors and numbers."""
         optimizer = {}
         for name, p in self._shards.items():
-            optimizer[name] = {key: (value.to_local() if isinstance(value, DTensor) else value).detach()
-                               for key, value in self.optimizer.state.get(p, {}).items()}
-        return {"format": HEAL_FORMAT, "group_world_size": self.ctx.world_size,
-                "fingerprint": self.config.fingerprint(), "leg": self.leg,
-                "model": {name: p.to_local().detach() for name, p in self._shards.items()},
-                "optimizer": optimizer, "progress": self.counters.state_dict(),
-                "sampler": self.sampler.state_dict(), "schedule": self.schedule.state_dict(),
-                "metrics": dict(self.metrics)}
+            optimizer[name] = {
+                key: (value.to_local() if isinstance(value, DTensor) else value).detach()
+                for key, value in self.optimizer.state.get(p, {}).items()
+            }
+        return {
+            "format": HEAL_FORMAT,
+            "group_world_size": self.ctx.world_size,
+            "fingerprint": self.config.fingerprint(),
+            "leg": self.leg,
+            "model": {name: p.to_local().detach() for name, p in self._shards.items()},
+            "optimizer": optimizer,
+            "progress": self.counters.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "metrics": dict(self.metrics),
+        }
 
     def _load_heal_state(self, state: dict) -> None:
         if state.get("format") != HEAL_FORMAT or state.get("fingerprint") != self.config.fingerprint():
-            raise ConfigError("a live replica group trains another configuration than this one; start every "
-                              "replica group of a job with the same options")
+            raise ConfigError(
+                "a live replica group trains another configuration than this one; start every "
+                "replica group of a job with the same options"
+            )
         if state["group_world_size"] != self.ctx.world_size:
-            raise ConfigError(f"a live replica group has {state['group_world_size']} ranks and this one "
-                              f"{self.ctx.world_size}; replica groups of one job must have the same size "
-                              "(their shards are exchanged rank by rank)")
+            raise ConfigError(
+                f"a live replica group has {state['group_world_size']} ranks and this one "
+                f"{self.ctx.world_size}; replica groups of one job must have the same size "
+                "(their shards are exchanged rank by rank)"
+            )
         with torch.no_grad():
             for name, p in self._shards.items():
                 p.to_local().copy_(state["model"][name])
         for name, p in self._shards.items():
             self.optimizer.state[p] = {
-                key: (DTensor.from_local(value.to(p.device), p.device_mesh, p.placements, shape=p.shape,
-                                         stride=p.stride()) if key != "step" else value)
-                for key, value in state["optimizer"][name].items()}
+                key: (
+                    DTensor.from_local(
+                        value.to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                    )
+                    if key != "step"
+                    else value
+                )
+                for key, value in state["optimizer"][name].items()
+            }
         self.healed_from = self.step
         self.counters.load_state_dict(state["progress"])
         self.sampler.load_state_dict(state["sampler"])
@@ -124,16 +143,25 @@ class ReplicaTrainer(Trainer):
                 raise ReplicaError(
                     f"{MAX_UNCOMMITTED} steps in a row were not committed (replica groups of different "
                     "sizes or options, or a network that drops the cross-group all-reduce); this group "
-                    "stops: start every group with the same options and --nproc_per_node")
+                    "stops: start every group with the same options and --nproc_per_node"
+                )
             return None
         self._uncommitted_in_a_row = 0
         if self._stop_asked:  # every replica that was asked to stop said so in this step's sum
             self._leave = "all" if stopping.item() >= self.num_replicas else "alone"
         if self.config.data.record_indices and ctx.is_main:
-            self._write(f"samples/replica_{self.ft.replica_id}.jsonl", {
-                "step": self.step, "time": time.time(), "replica_id": self.ft.replica_id,
-                "replicas": self.num_replicas, "epochs": batch.epochs.tolist(),
-                "positions": batch.positions.tolist(), "indices": batch.indices.tolist()})
+            self._write(
+                f"samples/replica_{self.ft.replica_id}.jsonl",
+                {
+                    "step": self.step,
+                    "time": time.time(),
+                    "replica_id": self.ft.replica_id,
+                    "replicas": self.num_replicas,
+                    "epochs": batch.epochs.tolist(),
+                    "positions": batch.positions.tolist(),
+                    "indices": batch.indices.tolist(),
+                },
+            )
         self._apply(norm)
         return loss_sum
 
@@ -144,14 +172,18 @@ class ReplicaTrainer(Trainer):
         them, which no later quorum can see: the group stops and starts again."""
         errored = self.replicas.manager.errored() is not None
         finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(norm))
-        flags = torch.tensor([0.0 if errored else 1.0, 1.0 if finite or errored else 0.0,
-                              float(self.step), -float(self.step)], dtype=torch.float64)
+        flags = torch.tensor(
+            [0.0 if errored else 1.0, 1.0 if finite or errored else 0.0, float(self.step), -float(self.step)],
+            dtype=torch.float64,
+        )
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
         summed, finite_everywhere, lowest, highest = flags[0].item(), flags[1].item(), flags[2].item(), -flags[3].item()
         if lowest != highest:
-            raise ReplicaError(f"a heal reached only some ranks of replica group {self.ft.replica_id} (steps "
-                               f"{lowest:.0f} and {highest:.0f}); it stops without committing, start it again "
-                               "to heal the whole group")
+            raise ReplicaError(
+                f"a heal reached only some ranks of replica group {self.ft.replica_id} (steps "
+                f"{lowest:.0f} and {highest:.0f}); it stops without committing, start it again "
+                "to heal the whole group"
+            )
         if summed and not finite_everywhere:
             raise self._nonfinite_step(norm)
         return bool(summed)
@@ -186,12 +218,20 @@ class ReplicaTrainer(Trainer):
             name, fields = "heal", {**fields, "from_step": healed_from}
         else:
             name = "start" if step == 0 else "resume"
-        on_main(self.ctx, lambda: self.run.event(name, step=step, leg=self.leg, samples_seen=self.samples_seen,
-                                                 replicas=self.num_replicas, **fields))
+        on_main(
+            self.ctx,
+            lambda: self.run.event(
+                name, step=step, leg=self.leg, samples_seen=self.samples_seen, replicas=self.num_replicas, **fields
+            ),
+        )
 
     def _end_fields(self) -> dict:
-        return {"replica_id": self.ft.replica_id, "replicas": self.num_replicas,
-                "uncommitted_steps": self.uncommitted, "weights_digest": self._weights_digest()}
+        return {
+            "replica_id": self.ft.replica_id,
+            "replicas": self.num_replicas,
+            "uncommitted_steps": self.uncommitted,
+            "weights_digest": self._weights_digest(),
+        }
 
     def _weights_digest(self) -> str:
         """SHA-256 over the group's weights, rank by rank: equal across replica groups in sync."""

@@ -14,6 +14,7 @@ Two things torchft does not do, and dtrain adds:
   and loads with ``torch.load(weights_only=True)``: bytes from the network
   never run code, unlike torchft's HTTP transport (``weights_only=False``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,7 +57,7 @@ class FaultTolerance:
         "group_size": "replica groups the job is planned with",
         "min_replicas": "fewest replica groups that may commit a step",
         "timeout": "seconds a cross-replica collective, commit or heal may take before the "
-                   "replicas that did not answer are dropped from the step",
+        "replicas that did not answer are dropped from the step",
         "quorum_timeout": "seconds to wait for a quorum (the lighthouse) before a retry",
         "quorum_retries": "quorum attempts after the first before this replica stops",
     }
@@ -81,18 +82,25 @@ class FaultTolerance:
         if not self.enable:
             return
         if self.group_size < 1 or not 0 <= self.replica_id < self.group_size:
-            raise ConfigError(f"--fault_tolerance.replica_id={self.replica_id} is outside 0.."
-                              f"{self.group_size - 1} (--fault_tolerance.group_size={self.group_size}); "
-                              "give each replica group its own id below group_size")
+            raise ConfigError(
+                f"--fault_tolerance.replica_id={self.replica_id} is outside 0.."
+                f"{self.group_size - 1} (--fault_tolerance.group_size={self.group_size}); "
+                "give each replica group its own id below group_size"
+            )
         if not 1 <= self.min_replicas <= self.group_size:
-            raise ConfigError(f"--fault_tolerance.min_replicas={self.min_replicas} must be 1.."
-                              f"{self.group_size} (the planned replica groups)")
+            raise ConfigError(
+                f"--fault_tolerance.min_replicas={self.min_replicas} must be 1.."
+                f"{self.group_size} (the planned replica groups)"
+            )
         if not (0 < self.timeout < math.inf and 0 < self.quorum_timeout < math.inf) or self.quorum_retries < 0:
-            raise ConfigError("--fault_tolerance.timeout and quorum_timeout must be positive and "
-                              "quorum_retries 0 or more")
+            raise ConfigError(
+                "--fault_tolerance.timeout and quorum_timeout must be positive and quorum_retries 0 or more"
+            )
         if not os.environ.get("TORCHFT_LIGHTHOUSE"):
-            raise ConfigError("--fault_tolerance.enable=true needs TORCHFT_LIGHTHOUSE=http://HOST:PORT, the "
-                              "torchft lighthouse of the job (start one with launch/replicas.sh)")
+            raise ConfigError(
+                "--fault_tolerance.enable=true needs TORCHFT_LIGHTHOUSE=http://HOST:PORT, the "
+                "torchft lighthouse of the job (start one with launch/replicas.sh)"
+            )
         try:
             import torchft  # noqa: F401
         except ImportError:
@@ -145,12 +153,14 @@ class PeerStateTransport:
             def log_message(self, *args):  # no line per request on stderr
                 pass
 
-        server_class = type("Server", (ThreadingHTTPServer,), {
-            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET, "daemon_threads": True})
+        server_class = type(
+            "Server",
+            (ThreadingHTTPServer,),
+            {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET, "daemon_threads": True},
+        )
         self._server = server_class((host, 0), Handler)
         self._host = host
-        self._thread = threading.Thread(target=self._server.serve_forever, name="dtrain-heal-server",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="dtrain-heal-server", daemon=True)
         self._thread.start()
 
     def _serve(self, request: BaseHTTPRequestHandler) -> None:
@@ -211,18 +221,26 @@ class ReplicaGroup:
         timeout = timedelta(seconds=settings.timeout)
         lighthouse = os.environ["TORCHFT_LIGHTHOUSE"]
         host = address_towards(lighthouse)
-        pg = (torchft.ProcessGroupNCCL(timeout=timeout) if device.type == "cuda"
-              else torchft.ProcessGroupGloo(timeout=timeout))
+        pg = (
+            torchft.ProcessGroupNCCL(timeout=timeout)
+            if device.type == "cuda"
+            else torchft.ProcessGroupGloo(timeout=timeout)
+        )
         self.manager = torchft.Manager(
-            pg=pg, load_state_dict=load_state_dict, state_dict=state_dict,
+            pg=pg,
+            load_state_dict=load_state_dict,
+            state_dict=state_dict,
             min_replica_size=settings.min_replicas,
             use_async_quorum=False,  # heal before the forward pass: the step's deal needs the quorum
-            timeout=timeout, quorum_timeout=timedelta(seconds=settings.quorum_timeout),
+            timeout=timeout,
+            quorum_timeout=timedelta(seconds=settings.quorum_timeout),
             connect_timeout=timedelta(seconds=settings.quorum_timeout),
-            replica_id=f"dtrain_{settings.replica_id}", hostname=host,
+            replica_id=f"dtrain_{settings.replica_id}",
+            hostname=host,
             checkpoint_transport=PeerStateTransport(host, timeout),
             init_sync=False,  # every group builds the same weights from the same seed
-            quorum_retries=settings.quorum_retries)
+            quorum_retries=settings.quorum_retries,
+        )
         self.lighthouse, self.quorum_retries = lighthouse, settings.quorum_retries
 
     def set_step(self, step: int) -> None:
@@ -248,7 +266,8 @@ class ReplicaGroup:
                 f"the torchft lighthouse at {self.lighthouse} did not answer "
                 f"({' '.join(str(error).split())[:120]}); this replica stopped without writing anything "
                 "(the newest committed checkpoint is intact): start the lighthouse again, then the "
-                "replica groups, which resume from that checkpoint") from None
+                "replica groups, which resume from that checkpoint"
+            ) from None
         return self.manager.participating_rank() or 0, max(self.manager.num_participants(), 1)
 
     def sum_across(self, tensors: list[torch.Tensor]) -> None:

@@ -7,6 +7,7 @@ step the next leg resumed from were lost and done again. With sample records
 (``--data.record_indices=true``) the checker also counts, per epoch, how often
 each sample was consumed by the steps that count (those not rolled back).
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -18,39 +19,68 @@ def check_run(run: RunDirectory | str) -> dict:
     run = run if isinstance(run, RunDirectory) else RunDirectory(run)
     run.check_holds_run()
     events = run.events()
-    train = [r for r in run.read_jsonl(METRICS) if r.get("kind") == "train" and isinstance(r.get("leg"), str)
-             and isinstance(r.get("step"), int)]
+    train = [
+        r
+        for r in run.read_jsonl(METRICS)
+        if r.get("kind") == "train" and isinstance(r.get("leg"), str) and isinstance(r.get("step"), int)
+    ]
     events = [e for e in events if isinstance(e.get("step", 0), int)]
     replica_events = [e for e in events if "replica_id" in e]
     events = [e for e in events if "replica_id" not in e]
-    starts = [e for e in events if e["event"] in ("start", "resume") and isinstance(e.get("leg"), str)
-              and "step" in e]
+    starts = [e for e in events if e["event"] in ("start", "resume") and isinstance(e.get("leg"), str) and "step" in e]
     legs = []
     for i, start in enumerate(starts):
-        later = events[events.index(start) + 1:]
+        later = events[events.index(start) + 1 :]
         following = starts[i + 1] if i + 1 < len(starts) else None
-        ending = next((e for e in later if e["event"] in ("end", "stop", "diverged") and "step" in e and
-                       (following is None or e["time"] <= following["time"])), None)
+        ending = next(
+            (
+                e
+                for e in later
+                if e["event"] in ("end", "stop", "diverged")
+                and "step" in e
+                and (following is None or e["time"] <= following["time"])
+            ),
+            None,
+        )
         # Train lines come every log_interval steps: for a killed leg this is a lower bound.
-        completed = max([r["step"] for r in train if r["leg"] == start["leg"]] +
-                        [ending["step"] if ending else start["step"]])
-        how = ("finished" if ending and ending["event"] == "end" else
-               "diverged" if ending and ending["event"] == "diverged" else
-               f"stopped ({ending.get('reason', 'asked')})" if ending else "killed")
-        legs.append({"leg": start["leg"], "started": start["time"], "from_step": start["step"],
-                     "world_size": start.get("world_size"),
-                     "last_step": completed, "ended": how,
-                     "lost_steps": max(completed - following["step"], 0) if following else 0})
-    report = {"run": run.url, "legs": legs, "finished": bool(legs) and legs[-1]["ended"] == "finished",
-              "interruptions": len(legs) - 1 if legs else 0,
-              "steps_lost": sum(leg["lost_steps"] for leg in legs)}
+        completed = max(
+            [r["step"] for r in train if r["leg"] == start["leg"]] + [ending["step"] if ending else start["step"]]
+        )
+        how = (
+            "finished"
+            if ending and ending["event"] == "end"
+            else "diverged"
+            if ending and ending["event"] == "diverged"
+            else f"stopped ({ending.get('reason', 'asked')})"
+            if ending
+            else "killed"
+        )
+        legs.append(
+            {
+                "leg": start["leg"],
+                "started": start["time"],
+                "from_step": start["step"],
+                "world_size": start.get("world_size"),
+                "last_step": completed,
+                "ended": how,
+                "lost_steps": max(completed - following["step"], 0) if following else 0,
+            }
+        )
+    report = {
+        "run": run.url,
+        "legs": legs,
+        "finished": bool(legs) and legs[-1]["ended"] == "finished",
+        "interruptions": len(legs) - 1 if legs else 0,
+        "steps_lost": sum(leg["lost_steps"] for leg in legs),
+    }
     if replica_events:
         report.update(_replica_legs(replica_events))
     report["coverage"], rolled_back = _coverage(run, legs, replica_events)
     report["steps_lost"] += rolled_back
     report["checkpoints"] = _checkpoints(run)
-    report["ok"] = (report["checkpoints"]["unloadable"] == 0 and
-                    all(e["duplicates"] == 0 and e["missing"] == 0 for e in report["coverage"].values()))
+    report["ok"] = report["checkpoints"]["unloadable"] == 0 and all(
+        e["duplicates"] == 0 and e["missing"] == 0 for e in report["coverage"].values()
+    )
     return report
 
 
@@ -61,18 +91,35 @@ def _replica_legs(events: list[dict]) -> dict:
     for i, start in enumerate(events):
         if start["event"] not in ("start", "resume", "heal"):
             continue
-        later = [e for e in events[i + 1:] if e["replica_id"] == start["replica_id"]]
+        later = [e for e in events[i + 1 :] if e["replica_id"] == start["replica_id"]]
         following = next((j for j, e in enumerate(later) if e["event"] in ("start", "resume", "heal")), len(later))
         ending = next((e for e in later[:following] if e["event"] in ("end", "stop", "diverged")), None)
-        how = ("finished" if ending and ending["event"] == "end" else
-               f"stopped ({ending.get('reason', 'asked')})" if ending else "killed")
-        legs.append({"leg": start.get("leg"), "replica_id": start["replica_id"], "started": start["time"],
-                     "how": {"heal": "healed", "resume": "from a checkpoint"}.get(start["event"], "started"),
-                     "from_step": start["step"], "world_size": start.get("world_size"),
-                     "last_step": ending["step"] if ending else None, "ended": how})
-    return {"legs": legs, "finished": any(leg["ended"] == "finished" for leg in legs),
-            "interruptions": sum(leg["ended"] != "finished" for leg in legs),
-            "heals": sum(leg["how"] == "healed" for leg in legs), "steps_lost": 0}
+        how = (
+            "finished"
+            if ending and ending["event"] == "end"
+            else f"stopped ({ending.get('reason', 'asked')})"
+            if ending
+            else "killed"
+        )
+        legs.append(
+            {
+                "leg": start.get("leg"),
+                "replica_id": start["replica_id"],
+                "started": start["time"],
+                "how": {"heal": "healed", "resume": "from a checkpoint"}.get(start["event"], "started"),
+                "from_step": start["step"],
+                "world_size": start.get("world_size"),
+                "last_step": ending["step"] if ending else None,
+                "ended": how,
+            }
+        )
+    return {
+        "legs": legs,
+        "finished": any(leg["ended"] == "finished" for leg in legs),
+        "interruptions": sum(leg["ended"] != "finished" for leg in legs),
+        "heals": sum(leg["how"] == "healed" for leg in legs),
+        "steps_lost": 0,
+    }
 
 
 def _coverage(run: RunDirectory, legs: list[dict], replica_events: list[dict]) -> tuple[dict, int]:
@@ -103,8 +150,12 @@ def _coverage(run: RunDirectory, legs: list[dict], replica_events: list[dict]) -
     for epoch, counter in sorted(counts.items()):
         span = max(counter) + 1
         missing = 0 if epoch == last else span - len(counter)  # the last epoch may be partial
-        out[epoch] = {"samples": sum(counter.values()), "distinct": len(counter),
-                      "duplicates": sum(c - 1 for c in counter.values()) + conflicts, "missing": missing}
+        out[epoch] = {
+            "samples": sum(counter.values()),
+            "distinct": len(counter),
+            "duplicates": sum(c - 1 for c in counter.values()) + conflicts,
+            "missing": missing,
+        }
     return out, rolled_back
 
 
@@ -132,28 +183,44 @@ def _checkpoints(run: RunDirectory) -> dict:
     catalog = run.catalog()
     listing = catalog.scan()
     bad = {m.directory: problems for m in listing.committed if (problems := catalog.problems(m))}
-    return {"committed": len(listing.committed), "torn": len(listing.torn), "unloadable": len(bad),
-            "damaged": len(listing.damaged), "rejected": len(listing.rejected), "problems": bad}
+    return {
+        "committed": len(listing.committed),
+        "torn": len(listing.torn),
+        "unloadable": len(bad),
+        "damaged": len(listing.damaged),
+        "rejected": len(listing.rejected),
+        "problems": bad,
+    }
 
 
 def format_report(report: dict) -> str:
-    lines = [f"run {report['run']}: {'finished' if report['finished'] else 'not finished'}, "
-             f"{report['interruptions']} interruption(s), {report['steps_lost']} step(s) lost"]
+    lines = [
+        f"run {report['run']}: {'finished' if report['finished'] else 'not finished'}, "
+        f"{report['interruptions']} interruption(s), {report['steps_lost']} step(s) lost"
+    ]
     for leg in report["legs"]:
         if "replica_id" in leg:
-            lines.append(f"  replica {leg['replica_id']}: {leg['world_size']} rank(s), {leg['how']} at step "
-                         f"{leg['from_step']}, {leg['ended']}" + (f" at step {leg['last_step']}"
-                                                                  if leg["last_step"] is not None else ""))
+            lines.append(
+                f"  replica {leg['replica_id']}: {leg['world_size']} rank(s), {leg['how']} at step "
+                f"{leg['from_step']}, {leg['ended']}"
+                + (f" at step {leg['last_step']}" if leg["last_step"] is not None else "")
+            )
             continue
-        lines.append(f"  leg {leg['leg']}: {leg['world_size']} rank(s), steps {leg['from_step']}->{leg['last_step']}, "
-                     f"{leg['ended']}, lost {leg['lost_steps']}")
+        lines.append(
+            f"  leg {leg['leg']}: {leg['world_size']} rank(s), steps {leg['from_step']}->{leg['last_step']}, "
+            f"{leg['ended']}, lost {leg['lost_steps']}"
+        )
     for epoch, entry in report["coverage"].items():
         verdict = "exactly once" if not entry["duplicates"] and not entry["missing"] else "BROKEN"
-        lines.append(f"  epoch {epoch}: {entry['samples']} samples, {entry['duplicates']} repeated, "
-                     f"{entry['missing']} missing: {verdict}")
+        lines.append(
+            f"  epoch {epoch}: {entry['samples']} samples, {entry['duplicates']} repeated, "
+            f"{entry['missing']} missing: {verdict}"
+        )
     ck = report["checkpoints"]
-    lines.append(f"  checkpoints: {ck['committed']} committed, {ck['unloadable']} unloadable, {ck['torn']} torn, "
-                 f"{ck['damaged']} damaged, {ck['rejected']} quarantined")
+    lines.append(
+        f"  checkpoints: {ck['committed']} committed, {ck['unloadable']} unloadable, {ck['torn']} torn, "
+        f"{ck['damaged']} damaged, {ck['rejected']} quarantined"
+    )
     for name, problems in ck["problems"].items():
         lines.append(f"    {name}: {'; '.join(problems)}")
     lines.append("OK" if report["ok"] else "PROBLEMS FOUND")

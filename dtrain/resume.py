@@ -13,6 +13,7 @@ resume table is a unit test (``tests/test_resume_rules.py``), no process group:
 A change of world size or micro-batch split needs nothing here: DCP reshards, and
 the sampler deals the same global batches.
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,8 +51,12 @@ class Position:
 
 def plan_record(config: ExperimentConfig) -> dict:
     """The settings a resume compares against to see what the user changed."""
-    return {"global_batch_size": config.train.global_batch_size, "lr": config.train.lr,
-            "val_seed": config.data.val_seed, "val_samples": config.data.val_samples}
+    return {
+        "global_batch_size": config.train.global_batch_size,
+        "lr": config.train.lr,
+        "val_seed": config.data.val_seed,
+        "val_samples": config.data.val_samples,
+    }
 
 
 def planned_samples(train_cfg, step: int, samples_seen: int, sampler: ElasticSampler) -> int:
@@ -64,8 +69,12 @@ def planned_samples(train_cfg, step: int, samples_seen: int, sampler: ElasticSam
         return samples_seen + max(train_cfg.max_steps - step, 0) * train_cfg.global_batch_size
     if sampler.epoch >= train_cfg.num_epochs:
         return samples_seen
-    return (samples_seen + sampler.epoch_length - sampler.samples_in_epoch
-            + (train_cfg.num_epochs - sampler.epoch - 1) * sampler.train_samples)
+    return (
+        samples_seen
+        + sampler.epoch_length
+        - sampler.samples_in_epoch
+        + (train_cfg.num_epochs - sampler.epoch - 1) * sampler.train_samples
+    )
 
 
 def changed_keys(old: ExperimentConfig, new: ExperimentConfig) -> dict[str, list]:
@@ -82,13 +91,17 @@ def changed_keys(old: ExperimentConfig, new: ExperimentConfig) -> dict[str, list
 def refusal(stored: ExperimentConfig, config: ExperimentConfig, preset: str | None) -> str:
     """Why this start may not continue the stored run with ``config`` ("" if it may)."""
     if preset and preset != stored.preset_name:
-        return (f"--preset {preset} differs from the run's preset {stored.preset_name}; "
-                "omit --preset to continue the run, or pass a new --run-dir")
+        return (
+            f"--preset {preset} differs from the run's preset {stored.preset_name}; "
+            "omit --preset to continue the run, or pass a new --run-dir"
+        )
     changed = changed_keys(stored, config)
     for key in SHAPE_KEYS:
         if key in changed:
-            return (f"--{key}={changed[key][1]} differs from the run's {changed[key][0]}: "
-                    "a checkpoint cannot change the model's shape; pass a new --run-dir")
+            return (
+                f"--{key}={changed[key][1]} differs from the run's {changed[key][0]}: "
+                "a checkpoint cannot change the model's shape; pass a new --run-dir"
+            )
     return ""
 
 
@@ -104,44 +117,76 @@ def reconcile(config: ExperimentConfig, saved: Position) -> tuple[Position, list
     changes = []
     if (data.seed, data.mode) != (sampler.seed, sampler.mode):
         if not data.allow_new_order:
-            raise ConfigError(f"--data.seed={data.seed} --data.mode={data.mode} differ from the "
-                              f"checkpoint's seed {sampler.seed}, mode {sampler.mode}: the sample order would "
-                              "not continue; pass --data.allow_new_order=true to start a new epoch with them")
+            raise ConfigError(
+                f"--data.seed={data.seed} --data.mode={data.mode} differ from the "
+                f"checkpoint's seed {sampler.seed}, mode {sampler.mode}: the sample order would "
+                "not continue; pass --data.allow_new_order=true to start a new epoch with them"
+            )
         old = {"seed": sampler.seed, "mode": sampler.mode}
         sampler.reidentify(data.seed, data.mode)
-        changes.append(Change("data_order_changed", f"new data order {old} -> seed {data.seed}, mode "
-                              f"{data.mode}; epoch {sampler.epoch} starts now", {"old": old, "epoch": sampler.epoch}))
+        changes.append(
+            Change(
+                "data_order_changed",
+                f"new data order {old} -> seed {data.seed}, mode {data.mode}; epoch {sampler.epoch} starts now",
+                {"old": old, "epoch": sampler.epoch},
+            )
+        )
     if data.train_samples != sampler.train_samples:
         old, epoch = sampler.train_samples, sampler.epoch
         sampler.resize(data.train_samples, now=data.resize_now)
         when = "now" if sampler.epoch != epoch or sampler.samples_in_epoch == 0 else "from the next epoch"
-        changes.append(Change("epoch_length_changed", f"epoch length {old} -> {data.train_samples} {when} "
-                              f"(epoch {sampler.epoch}, position {sampler.samples_in_epoch})",
-                              {"old": old, "new": data.train_samples, "when": when, "epoch": sampler.epoch}))
+        changes.append(
+            Change(
+                "epoch_length_changed",
+                f"epoch length {old} -> {data.train_samples} {when} "
+                f"(epoch {sampler.epoch}, position {sampler.samples_in_epoch})",
+                {"old": old, "new": data.train_samples, "when": when, "epoch": sampler.epoch},
+            )
+        )
     factor = train.lr / plan["lr"]
     if train.scale_lr and train.global_batch_size != plan["global_batch_size"]:
         factor *= train.global_batch_size / plan["global_batch_size"]
     if factor != 1.0:
         position.schedule = position.schedule.scaled(factor)
-        changes.append(Change("lr_scaled", f"learning-rate curve scaled by {factor:g} (lr {plan['lr']:g} -> "
-                              f"{train.lr:g}, global batch {plan['global_batch_size']} -> "
-                              f"{train.global_batch_size}, scale_lr={train.scale_lr})", {"factor": factor}))
+        changes.append(
+            Change(
+                "lr_scaled",
+                f"learning-rate curve scaled by {factor:g} (lr {plan['lr']:g} -> "
+                f"{train.lr:g}, global batch {plan['global_batch_size']} -> "
+                f"{train.global_batch_size}, scale_lr={train.scale_lr})",
+                {"factor": factor},
+            )
+        )
     end = planned_samples(train, position.step, position.samples_seen, sampler)
     if end != position.schedule.total_samples:
         old_end, seen = position.schedule.total_samples, position.samples_seen
         if train.reconfigure_scheduler:
             position.schedule = position.schedule.replan(seen, end)
-            message = (f"LR schedule re-planned from sample {seen} to {end} (was {old_end}), "
-                       f"continuing from lr {position.schedule(seen):.3g}")
+            message = (
+                f"LR schedule re-planned from sample {seen} to {end} (was {old_end}), "
+                f"continuing from lr {position.schedule(seen):.3g}"
+            )
         else:
-            message = (f"the plan now ends at sample {end} (was {old_end}); the LR keeps its old curve "
-                       "(pass --train.reconfigure_scheduler=true to re-plan it)")
-        changes.append(Change("schedule_replanned" if train.reconfigure_scheduler else "schedule_kept", message,
-                              {"old_total": old_end, "new_total": end, "samples_seen": seen}))
+            message = (
+                f"the plan now ends at sample {end} (was {old_end}); the LR keeps its old curve "
+                "(pass --train.reconfigure_scheduler=true to re-plan it)"
+            )
+        changes.append(
+            Change(
+                "schedule_replanned" if train.reconfigure_scheduler else "schedule_kept",
+                message,
+                {"old_total": old_end, "new_total": end, "samples_seen": seen},
+            )
+        )
     if (data.val_seed, data.val_samples) != (plan["val_seed"], plan["val_samples"]):
         position.best = {"val_mse": math.inf, "step": -1}  # scores on another set do not compare
-        changes.append(Change("validation_changed", f"new validation set (seed {plan['val_seed']} -> "
-                              f"{data.val_seed}, {plan['val_samples']} -> {data.val_samples} examples): metrics "
-                              f"before and after step {position.step} are not comparable, and best restarts",
-                              {"old": [plan["val_seed"], plan["val_samples"]]}))
+        changes.append(
+            Change(
+                "validation_changed",
+                f"new validation set (seed {plan['val_seed']} -> "
+                f"{data.val_seed}, {plan['val_samples']} -> {data.val_samples} examples): metrics "
+                f"before and after step {position.step} are not comparable, and best restarts",
+                {"old": [plan["val_seed"], plan["val_samples"]]},
+            )
+        )
     return position, changes

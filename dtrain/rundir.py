@@ -21,6 +21,7 @@ stops; events are shipped at once (the checkpoint catalog relies on them). A
 SIGKILL loses at most the unshipped lines, never a commit. Readers take both
 layouts: the whole file, then the parts in order.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,7 @@ def normalize_run_url(url: str) -> str:
     if not text:
         raise ConfigError("--run-dir is empty; pass the directory (or s3://bucket/prefix) of the run")
     if text.startswith("file://"):
-        text = text[len("file://"):] or "/"
+        text = text[len("file://") :] or "/"
     if is_remote(text):
         scheme, _, rest = text.partition("://")
         if not rest.strip("/"):
@@ -73,20 +74,27 @@ class RunDirectory:
         return f"{self.url}/{CHECKPOINTS}"
 
     def catalog(self, keep_last: int = 3, keep_every: int = 0) -> CheckpointCatalog:
-        return CheckpointCatalog(self.checkpoints_url, self.storage, keep_last, keep_every,
-                                 commit_log=self.committed_directories)
+        return CheckpointCatalog(
+            self.checkpoints_url, self.storage, keep_last, keep_every, commit_log=self.committed_directories
+        )
 
     def committed_directories(self) -> set[str] | None:
         """Checkpoint directories the events record as committed; None without an events log."""
         if not self.exists(EVENTS):
             return None
-        return {e["directory"] for e in self.events() if e["event"] == "checkpoint"
-                and isinstance(e.get("directory"), str)}
+        return {
+            e["directory"] for e in self.events() if e["event"] == "checkpoint" and isinstance(e.get("directory"), str)
+        }
 
     def events(self) -> list[dict]:
         """The events log's well-formed records (an event name and a numeric time)."""
-        return [e for e in self.read_jsonl(EVENTS) if isinstance(e.get("event"), str)
-                and isinstance(e.get("time"), (int, float)) and not isinstance(e.get("time"), bool)]
+        return [
+            e
+            for e in self.read_jsonl(EVENTS)
+            if isinstance(e.get("event"), str)
+            and isinstance(e.get("time"), (int, float))
+            and not isinstance(e.get("time"), bool)
+        ]
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -98,8 +106,9 @@ class RunDirectory:
     def check_holds_run(self) -> None:
         """For the tools that read a run: a path that holds none is a mistyped path, exit 2."""
         if not any(self.exists(name) for name in (EVENTS, CHECKPOINTS, CONFIG)):
-            raise ConfigError(f"{self.url} holds no dtrain run (no {EVENTS}, {CHECKPOINTS}/ or {CONFIG}); "
-                              "check the path")
+            raise ConfigError(
+                f"{self.url} holds no dtrain run (no {EVENTS}, {CHECKPOINTS}/ or {CONFIG}); check the path"
+            )
 
     def check_is_directory(self) -> None:
         with guard("reading", self.url):
@@ -155,8 +164,11 @@ class RunDirectory:
         unreadable) is skipped."""
         texts = [self.read_text(name)] if self.exists(name) else []
         parts = parts_of(name)
-        texts += [self.read_text(f"{parts}/{part}") for part in self.list(parts)
-                  if part.startswith("part-") and part.endswith(".jsonl")]
+        texts += [
+            self.read_text(f"{parts}/{part}")
+            for part in self.list(parts)
+            if part.startswith("part-") and part.endswith(".jsonl")
+        ]
         records = []
         for line in "".join(t if t.endswith("\n") else t + "\n" for t in texts).splitlines():
             try:
@@ -214,6 +226,8 @@ class RunDirectory:
         if first is not None:
             return first, newest, ""
         if problem:
-            raise ConfigError(f"{self.url}/{problem} and no committed checkpoint records the configuration; "
-                              "restore it, or start a new run with a new --run-dir")
+            raise ConfigError(
+                f"{self.url}/{problem} and no committed checkpoint records the configuration; "
+                "restore it, or start a new run with a new --run-dir"
+            )
         raise ConfigError(f"{self.url} holds no dtrain run (no {CONFIG}); check the path")

@@ -7,6 +7,7 @@ contiguous share. The state is two integers plus the dataset identity, so the
 sampler can jump to any position in O(1) and resume on any world size or global
 batch without replaying anything.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -148,9 +149,14 @@ class ElasticSampler:
         self.end_epoch_now()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "samples_in_epoch": self.samples_in_epoch,
-                "epoch_length": self.epoch_length, "train_samples": self.train_samples,
-                "seed": self.seed, "mode": self.mode}
+        return {
+            "epoch": self.epoch,
+            "samples_in_epoch": self.samples_in_epoch,
+            "epoch_length": self.epoch_length,
+            "train_samples": self.train_samples,
+            "seed": self.seed,
+            "mode": self.mode,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Take the saved position and dataset identity as they are; the trainer

@@ -3,6 +3,7 @@
 Progress is samples consumed, not steps, so a resume with a different global
 batch size stays on the same curve.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,9 +27,15 @@ class LRSchedule:
     @classmethod
     def from_config(cls, train_cfg, total_samples: int) -> LRSchedule:
         milestones = tuple(float(x) for x in train_cfg.step_milestones.split(",") if x.strip())
-        return cls(train_cfg.schedule, train_cfg.lr, total_samples,
-                   round(train_cfg.warmup_fraction * total_samples), train_cfg.min_lr_ratio,
-                   milestones, train_cfg.step_gamma)
+        return cls(
+            train_cfg.schedule,
+            train_cfg.lr,
+            total_samples,
+            round(train_cfg.warmup_fraction * total_samples),
+            train_cfg.min_lr_ratio,
+            milestones,
+            train_cfg.step_gamma,
+        )
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -44,13 +51,15 @@ class LRSchedule:
         stands (or from the warmup's end) to ``total_samples``.
         """
         start = max(at_samples, self.warmup_samples)
-        return dataclasses.replace(self, total_samples=max(total_samples, start + 1),
-                                   start_samples=start, start_lr=self(start))
+        return dataclasses.replace(
+            self, total_samples=max(total_samples, start + 1), start_samples=start, start_lr=self(start)
+        )
 
     def scaled(self, factor: float) -> LRSchedule:
         """The whole curve times ``factor`` (a new peak LR, or linear scaling with batch size)."""
-        return dataclasses.replace(self, peak_lr=self.peak_lr * factor,
-                                   start_lr=None if self.start_lr is None else self.start_lr * factor)
+        return dataclasses.replace(
+            self, peak_lr=self.peak_lr * factor, start_lr=None if self.start_lr is None else self.start_lr * factor
+        )
 
     def __call__(self, samples: int) -> float:
         """The learning rate of the step that brings progress to ``samples``."""
@@ -62,7 +71,8 @@ class LRSchedule:
             return self.peak_lr * math.sqrt(max(self.warmup_samples, 1) / max(samples, 1))
         progress = min(samples, self.total_samples) / self.total_samples
         decay = (min(samples, self.total_samples) - self.warmup_samples) / max(
-            self.total_samples - self.warmup_samples, 1)
+            self.total_samples - self.warmup_samples, 1
+        )
         floor = self.min_lr_ratio
         if self.kind == "linear":
             factor = 1.0 - (1.0 - floor) * decay

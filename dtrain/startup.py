@@ -5,6 +5,7 @@ A preempted or elastic job pays its start-up on every leg, so each leg's
 ``benchmarks/goodput.py`` and ``benchmarks/elastic.py`` break the restart down
 from them (docs/elastic.md, "Where a restart's seconds go").
 """
+
 from __future__ import annotations
 
 import os

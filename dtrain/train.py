@@ -6,6 +6,7 @@ checkpoint) plus whatever the command line changes. Exit codes are listed in
 ``dtrain/errors.py`` (0 done, 2 bad configuration, 65 diverged, 74 storage,
 75 stopped on a signal with a committed checkpoint).
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,14 +40,16 @@ already holds a run, training continues from its newest committed checkpoint wit
 the run's configuration, changed only by the options given.
 Run under torchrun for several ranks: torchrun --nproc_per_node=N -m dtrain.train ..."""
 
+
 def stored_config(run_url: str, storage: Storage | None = None):
     """A run's configuration (as of its newest committed checkpoint) and that manifest."""
     config, manifest, _ = RunDirectory(run_url, storage).stored_config()
     return config, manifest
 
 
-def plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: int, lease: RunLease,
-             device: torch.device) -> dict:
+def plan_run(
+    run: RunDirectory, settings: Settings, resume: str, world_size: int, lease: RunLease, device: torch.device
+) -> dict:
     """Rank 0: the config of this start and what it changes, or the problem (one line).
 
     Nothing is written unless the config is valid for this world size and this job
@@ -65,41 +68,52 @@ def _describe(listing: Listing) -> str:
     return "; ".join(sorted(parts))
 
 
-def _plan_run(run: RunDirectory, settings: Settings, resume: str, world_size: int, lease: RunLease,
-              device: torch.device) -> dict:
+def _plan_run(
+    run: RunDirectory, settings: Settings, resume: str, world_size: int, lease: RunLease, device: torch.device
+) -> dict:
     run.check_is_directory()
     listing = run.catalog().scan()
     first, problem = run.first_config()
     notes: list[str] = []
     if listing.committed and resume == "restart":
-        raise ConfigError(f"--resume=restart: {run.url} has committed checkpoints; drop --resume to continue "
-                          "it, or pass a new --run-dir")
+        raise ConfigError(
+            f"--resume=restart: {run.url} has committed checkpoints; drop --resume to continue "
+            "it, or pass a new --run-dir"
+        )
     if not listing.committed and (listing.unexplained or problem) and resume != "restart":
         found = _describe(listing) or problem
-        raise ConfigError(f"{run.url} holds no committed checkpoint but {found}; nothing was changed. "
-                          "See `dtrain verify`; to train from step 0 beside what is there pass "
-                          "--resume=restart, or pass a new --run-dir")
+        raise ConfigError(
+            f"{run.url} holds no committed checkpoint but {found}; nothing was changed. "
+            "See `dtrain verify`; to train from step 0 beside what is there pass "
+            "--resume=restart, or pass a new --run-dir"
+        )
     if resume == "restart" or (first is None and not listing.committed):  # a new run, or a restart
         if resume not in ("latest", "never", "restart"):
-            raise ConfigError(f"--resume={resume}: {run.url} holds no committed checkpoint to resume; "
-                              "drop --resume to start the run")
+            raise ConfigError(
+                f"--resume={resume}: {run.url} holds no committed checkpoint to resume; drop --resume to start the run"
+            )
         config = settings.resolve()
         validate(config, world_size)
         check_fits(config.model, config.data.dim, world_size, device)
         notes.append(lease.acquire())
         run.write_text(CONFIG, config.to_json() + "\n")
         if resume == "restart":
-            notes.append(f"starting {run.url} over from step 0 as asked (--resume=restart); "
-                         "the checkpoint directories there are left as they are")
+            notes.append(
+                f"starting {run.url} over from step 0 as asked (--resume=restart); "
+                "the checkpoint directories there are left as they are"
+            )
         return {"config": config.to_dict(), "changed": {}, "notes": [n for n in notes if n]}
     if resume == "never":
-        raise ConfigError(f"run directory {run.url} already holds a run; pass a new --run-dir, "
-                          "or drop --resume=never to continue it")
+        raise ConfigError(
+            f"run directory {run.url} already holds a run; pass a new --run-dir, or drop --resume=never to continue it"
+        )
     if resume not in ("latest", "restart") and not listing.candidates(resume):
         steps = ", ".join(str(m.step) for m in listing.committed) or "none"
         what = "checkpoint tagged best" if resume == "best" else f"committed checkpoint at step {resume}"
-        raise ConfigError(f"--resume={resume}: {run.url} holds no {what} (committed steps: {steps}); "
-                          "pick one of those, or drop --resume for the newest")
+        raise ConfigError(
+            f"--resume={resume}: {run.url} holds no {what} (committed steps: {steps}); "
+            "pick one of those, or drop --resume for the newest"
+        )
     stored, _, note = run.stored_config()
     notes.append(note)
     config = settings.apply(copy.deepcopy(stored))
@@ -126,9 +140,15 @@ def start_device(settings: Settings, run_dir: str, requested: ExperimentConfig, 
         return requested.train.device
 
 
-def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_at_step: int | None = None,
-                 prog: str = "dtrain", clock: StartupClock | None = None,
-                 ft: FaultTolerance | None = None) -> Trainer:
+def run_training(
+    settings: Settings,
+    run_dir: str,
+    resume: str = "latest",
+    stop_at_step: int | None = None,
+    prog: str = "dtrain",
+    clock: StartupClock | None = None,
+    ft: FaultTolerance | None = None,
+) -> Trainer:
     """Train (or continue) ``run_dir`` on this process's group, the CLI's and the API's one path.
 
     Raises a ``DtrainError`` (after an orderly teardown: every rank reaches the same
@@ -146,8 +166,9 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
         ft = ft or FaultTolerance()
         if ctx.is_main:  # the replica groups of one job share its lease
             lease = RunLease(run, requested.checkpoint.lease_seconds, ft.job_id if ft.enable else None)
-        plan = broadcast_from_main(ctx, plan_run(run, settings, resume, ctx.world_size, lease, ctx.device)
-                                   if ctx.is_main else None)
+        plan = broadcast_from_main(
+            ctx, plan_run(run, settings, resume, ctx.world_size, lease, ctx.device) if ctx.is_main else None
+        )
         if "problem" in plan:
             raise KINDS[plan["kind"]](plan["problem"])
         config = ExperimentConfig.from_dict(plan["config"])
@@ -156,6 +177,7 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
         run = RunDirectory(run_dir, Storage.from_config(config.checkpoint))
         if ft.enable:
             from .replica_trainer import ReplicaTrainer  # imports torchft
+
             trainer = ReplicaTrainer(config, ctx, run, lease, ft)
         else:
             trainer = Trainer(config, ctx, run, lease)
@@ -172,31 +194,50 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
         clock.mark("restored")
         say = print if ctx.is_main else (lambda *a, **k: None)
         if manifest is not None:
-            say(f"{prog}: resuming from {manifest.directory} (step {manifest.step}, saved on "
-                f"{manifest.world_size} ranks) on {ctx.world_size} ranks", flush=True)
+            say(
+                f"{prog}: resuming from {manifest.directory} (step {manifest.step}, saved on "
+                f"{manifest.world_size} ranks) on {ctx.world_size} ranks",
+                flush=True,
+            )
             if plan["changed"]:
                 on_main(ctx, lambda: run.event("config_changed", step=trainer.step, changed=plan["changed"]))
         if stop_at_step is not None and trainer.step >= stop_at_step:
-            say(f"{prog}: run {run.url} is at step {trainer.step}, past --stop-at-step "
-                f"{stop_at_step}; nothing to do", flush=True)
+            say(
+                f"{prog}: run {run.url} is at step {trainer.step}, past --stop-at-step {stop_at_step}; nothing to do",
+                flush=True,
+            )
         elif trainer.finished:
-            say(f"{prog}: run {run.url} already finished at step {trainer.step} "
-                f"({trainer.samples_seen} samples); nothing to do", flush=True)
+            say(
+                f"{prog}: run {run.url} already finished at step {trainer.step} "
+                f"({trainer.samples_seen} samples); nothing to do",
+                flush=True,
+            )
         else:
             trainer.fit(stop_at_step)
             if getattr(trainer, "left_alone", False):
-                say(f"{prog}: replica {ft.replica_id} left at step {trainer.step} on {trainer.stopped_by_signal}; "
+                say(
+                    f"{prog}: replica {ft.replica_id} left at step {trainer.step} on {trainer.stopped_by_signal}; "
                     "the other replica groups go on with the state (start this one again to rejoin)",
-                    flush=True)
+                    flush=True,
+                )
             elif trainer.stopped_by_signal and not getattr(trainer, "writer", True):
-                say(f"{prog}: replica {ft.replica_id} stopped at step {trainer.step} on {trainer.stopped_by_signal} "
-                    "with every replica group; the lowest one commits the checkpoint", flush=True)
+                say(
+                    f"{prog}: replica {ft.replica_id} stopped at step {trainer.step} on {trainer.stopped_by_signal} "
+                    "with every replica group; the lowest one commits the checkpoint",
+                    flush=True,
+                )
             elif trainer.stopped_by_signal:
-                say(f"{prog}: stopped at step {trainer.step} on {trainer.stopped_by_signal}, checkpoint "
-                    f"committed; start the same run again to continue (exit {EXIT_PREEMPTED})", flush=True)
+                say(
+                    f"{prog}: stopped at step {trainer.step} on {trainer.stopped_by_signal}, checkpoint "
+                    f"committed; start the same run again to continue (exit {EXIT_PREEMPTED})",
+                    flush=True,
+                )
             elif not trainer.finished:
-                say(f"{prog}: stopped at step {trainer.step} as asked, checkpoint committed; "
-                    "start the same run again to continue", flush=True)
+                say(
+                    f"{prog}: stopped at step {trainer.step} as asked, checkpoint committed; "
+                    "start the same run again to continue",
+                    flush=True,
+                )
     except DtrainError:
         if lease is not None:
             lease.release()
@@ -219,12 +260,25 @@ def run_training(settings: Settings, run_dir: str, resume: str = "latest", stop_
 def _peer_gone(error: BaseException) -> bool:
     text = str(error)
     return isinstance(error, (dist.DistError, RuntimeError)) and any(
-        words in text for words in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                                    "Socket Timeout", "Timed out waiting"))
+        words in text
+        for words in (
+            "Connection closed by peer",
+            "Connection reset by peer",
+            "Broken pipe",
+            "Socket Timeout",
+            "Timed out waiting",
+        )
+    )
 
 
-def train(settings: Settings, run_dir: str, resume: str = "latest", prog: str = "dtrain",
-          stop_at_step: int | None = None, ft: FaultTolerance | None = None) -> int:
+def train(
+    settings: Settings,
+    run_dir: str,
+    resume: str = "latest",
+    prog: str = "dtrain",
+    stop_at_step: int | None = None,
+    ft: FaultTolerance | None = None,
+) -> int:
     """The command line's wrapper: exit codes and one-line errors instead of exceptions."""
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -234,15 +288,21 @@ def train(settings: Settings, run_dir: str, resume: str = "latest", prog: str = 
             print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
         return error.exit_code
     except KeyboardInterrupt:  # Ctrl-C before the stop handlers were installed (start-up)
-        print(f"{prog}: interrupted during start-up; nothing was written since the last commit",
-              file=sys.stderr, flush=True)
+        print(
+            f"{prog}: interrupted during start-up; nothing was written since the last commit",
+            file=sys.stderr,
+            flush=True,
+        )
         exit_now(130)
     except BaseException as error:
         # Peers may be gone: no barrier, no teardown; report and leave at once.
         if _peer_gone(error):
-            print(f"{prog}: rank {rank}: another rank of the job is gone ({' '.join(str(error).split())[:160]}); "
-                  "stopping this one (a torchrun restart or a new start resumes from the last commit)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{prog}: rank {rank}: another rank of the job is gone ({' '.join(str(error).split())[:160]}); "
+                "stopping this one (a torchrun restart or a new start resumes from the last commit)",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             traceback.print_exc()
         exit_now(EXIT_CRASH)
@@ -251,12 +311,16 @@ def train(settings: Settings, run_dir: str, resume: str = "latest", prog: str = 
 
 def main(argv=None, prog: str = "python -m dtrain.train") -> int:
     parser = build_parser(prog, DESCRIPTION)
-    group = parser.add_argument_group("fault_tolerance options (replica groups on torchft; "
-                                      "docs/fault-tolerance.md)")
+    group = parser.add_argument_group("fault_tolerance options (replica groups on torchft; docs/fault-tolerance.md)")
     for name, help in FaultTolerance.HELP.items():
         default = getattr(FaultTolerance, name)
-        group.add_argument(f"--fault_tolerance.{name}", dest=f"fault_tolerance.{name}", default=None,
-                           metavar=type(default).__name__.upper(), help=f"{help} (default: {default})")
+        group.add_argument(
+            f"--fault_tolerance.{name}",
+            dest=f"fault_tolerance.{name}",
+            default=None,
+            metavar=type(default).__name__.upper(),
+            help=f"{help} (default: {default})",
+        )
     args, settings = parse_args(parser, argv)
     try:
         ft = FaultTolerance.from_args(args)

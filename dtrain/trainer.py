@@ -1,4 +1,5 @@
 """The training loop: FSDP2 steps with accumulation, evaluation, metrics."""
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,7 @@ class Trainer:
         model = build_model(config.model, data.dim)
         self.num_parameters = count_parameters(model)
         self.model = shard_model(model, ctx.mesh, self.precision)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr,
-                                           weight_decay=train.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
         self.sampler = ElasticSampler(data.train_samples, data.seed, data.mode)
         self.spec = mixture_spec(data)
         self.counters = Counters(plan=plan_record(config))  # step, samples seen, best, plan
@@ -58,9 +58,14 @@ class Trainer:
         ck = config.checkpoint
         # Counts while the loop runs; one rank has no peer to hang (nor should a debugger kill it).
         self.watchdog = StepWatchdog(train.step_timeout if ctx.world_size > 1 else 0, ctx.rank)
-        self.checkpoints = CheckpointManager(run.catalog(ck.keep_last, ck.keep_every), ctx, ck,
-                                             events=run.event if ctx.is_main else None, lease=lease,
-                                             watchdog=self.watchdog)
+        self.checkpoints = CheckpointManager(
+            run.catalog(ck.keep_last, ck.keep_every),
+            ctx,
+            ck,
+            events=run.event if ctx.is_main else None,
+            lease=lease,
+            watchdog=self.watchdog,
+        )
 
     @property
     def step(self) -> int:
@@ -86,7 +91,8 @@ class Trainer:
     @property
     def total_steps(self) -> int:
         return self.step + math.ceil(
-            max(self.planned_samples - self.samples_seen, 0) / self.config.train.global_batch_size)
+            max(self.planned_samples - self.samples_seen, 0) / self.config.train.global_batch_size
+        )
 
     @property
     def finished(self) -> bool:
@@ -96,8 +102,13 @@ class Trainer:
     # ---- checkpoints -----------------------------------------------------------------------
     def state(self) -> dict:
         """The components a checkpoint holds, each a DCP ``Stateful`` (checkpoint/state.py)."""
-        return {"model": ModelState(self.model), "optimizer": OptimizerState(self.model, self.optimizer),
-                "progress": self.counters, "sampler": self.sampler, "schedule": self.schedule}
+        return {
+            "model": ModelState(self.model),
+            "optimizer": OptimizerState(self.model, self.optimizer),
+            "progress": self.counters,
+            "sampler": self.sampler,
+            "schedule": self.schedule,
+        }
 
     def restore(self, which: str = "latest") -> Manifest | None:
         """Load the newest sound committed checkpoint for ``which``; None if there is none."""
@@ -105,8 +116,9 @@ class Trainer:
         if manifest is not None:
             self.metrics = dict(manifest.metrics)
             c = self.counters
-            position, changes = reconcile(self.config, Position(c.step, c.samples_seen, self.sampler,
-                                                                self.schedule, c.best, c.plan))
+            position, changes = reconcile(
+                self.config, Position(c.step, c.samples_seen, self.sampler, self.schedule, c.best, c.plan)
+            )
             self.sampler, self.schedule, c.best = position.sampler, position.schedule, position.best
             c.plan = plan_record(self.config)  # what later saves record
 
@@ -122,20 +134,30 @@ class Trainer:
         """This rank's shards of the model and optimizer state that hold NaN or inf."""
         bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p.to_local()).all()]
         for state in self.optimizer.state.values():
-            bad += [f"optimizer {key}" for key, value in state.items()
-                    if torch.is_tensor(value) and value.is_floating_point()
-                    and not torch.isfinite(value.to_local() if hasattr(value, "to_local") else value).all()]
+            bad += [
+                f"optimizer {key}"
+                for key, value in state.items()
+                if torch.is_tensor(value)
+                and value.is_floating_point()
+                and not torch.isfinite(value.to_local() if hasattr(value, "to_local") else value).all()
+            ]
         return [f"non-finite values in {', '.join(sorted(set(bad))[:3])}"] if bad else []
 
     def save(self, tags: list[str], blocking: bool) -> None:
-        info = {"progress": {"step": self.step, "samples_seen": self.samples_seen,
-                             "epoch": self.sampler.epoch, "samples_in_epoch": self.sampler.samples_in_epoch},
-                "world_size": self.ctx.world_size,
-                "global_batch_size": self.config.train.global_batch_size,
-                "micro_batch_size": self.micro_batch,
-                "config_fingerprint": self.config.fingerprint(),
-                "config": self.config.to_dict(),
-                "metrics": self.metrics}
+        info = {
+            "progress": {
+                "step": self.step,
+                "samples_seen": self.samples_seen,
+                "epoch": self.sampler.epoch,
+                "samples_in_epoch": self.sampler.samples_in_epoch,
+            },
+            "world_size": self.ctx.world_size,
+            "global_batch_size": self.config.train.global_batch_size,
+            "micro_batch_size": self.micro_batch,
+            "config_fingerprint": self.config.fingerprint(),
+            "config": self.config.to_dict(),
+            "metrics": self.metrics,
+        }
         with self.watchdog.not_counted():
             self.checkpoints.save(self.state(), self.step, tags, info, blocking=blocking)
             # Object stores: every rank's log lines up to this checkpoint (dtrain/rundir.py), ending
@@ -152,9 +174,17 @@ class Trainer:
         global_batch = self.sampler.take(train.global_batch_size)
         mine = global_batch.deal(ctx.rank, ctx.world_size)
         if self.config.data.record_indices:
-            self._write(f"samples/rank_{ctx.rank}.jsonl", {
-                "step": self.step, "leg": self.leg, "world_size": ctx.world_size, "epochs": mine.epochs.tolist(),
-                "positions": mine.positions.tolist(), "indices": mine.indices.tolist()})
+            self._write(
+                f"samples/rank_{ctx.rank}.jsonl",
+                {
+                    "step": self.step,
+                    "leg": self.leg,
+                    "world_size": ctx.world_size,
+                    "epochs": mine.epochs.tolist(),
+                    "positions": mine.positions.tolist(),
+                    "indices": mine.indices.tolist(),
+                },
+            )
         # FSDP averages over ranks; dividing by the rank's share makes it a global-batch mean.
         loss_sum = self._forward_backward(mine, len(mine))
         norm = self._gradient_norm()
@@ -204,15 +234,20 @@ class Trainer:
             raise self._nonfinite_step(norm)
 
     def _nonfinite_step(self, norm: torch.Tensor) -> TrainingDiverged:
-        return self._diverged(f"the loss or gradient norm ({norm.item():.3g}) of the step after step "
-                              f"{self.step} is not finite; that step was not applied")
+        return self._diverged(
+            f"the loss or gradient norm ({norm.item():.3g}) of the step after step "
+            f"{self.step} is not finite; that step was not applied"
+        )
 
     def _diverged(self, what: str) -> TrainingDiverged:
         last = self.checkpoints.last_committed
-        where = (f"resume from {last} with a lower --train.lr (now {self.config.train.lr:g}), e.g. "
-                 f"--resume {last.split('_')[1].lstrip('0') or '0'} --train.lr={self.config.train.lr / 10:g}"
-                 if last else f"start again in a new --run-dir with a lower --train.lr (now "
-                              f"{self.config.train.lr:g}), e.g. --train.lr={self.config.train.lr / 10:g}")
+        where = (
+            f"resume from {last} with a lower --train.lr (now {self.config.train.lr:g}), e.g. "
+            f"--resume {last.split('_')[1].lstrip('0') or '0'} --train.lr={self.config.train.lr / 10:g}"
+            if last
+            else f"start again in a new --run-dir with a lower --train.lr (now "
+            f"{self.config.train.lr:g}), e.g. --train.lr={self.config.train.lr / 10:g}"
+        )
         return TrainingDiverged(f"training diverged: {what}; nothing non-finite was saved; {where}")
 
     def _write(self, name: str, record: dict) -> None:
@@ -247,8 +282,9 @@ class Trainer:
     def evaluate(self) -> dict:
         examples, weight, baselines = self._validation_share()
         self.model.eval()
-        sums = prediction_sums(lambda points: self.model(points.to(self.ctx.device)), examples,
-                               self.config.train.eval_batch_size, weight)
+        sums = prediction_sums(
+            lambda points: self.model(points.to(self.ctx.device)), examples, self.config.train.eval_batch_size, weight
+        )
         totals = torch.tensor([sums["mse"], sums["wasserstein"], *baselines.values()], dtype=torch.float64)
         dist.all_reduce(totals)  # gloo or the CPU side of the cuda group
         mse, w2, *rest = (totals / self.config.data.val_samples).tolist()
@@ -273,16 +309,28 @@ class Trainer:
         ctx, train, ck = self.ctx, self.config.train, self.config.checkpoint
         per_rank = self._parameters_per_rank()
         self.leg = broadcast_from_main(ctx, uuid.uuid4().hex[:12] if ctx.is_main else None)
-        self._announce_start(dict(
-            world_size=ctx.world_size, global_batch_size=train.global_batch_size,
-            micro_batch_size=self.micro_batch, accumulation=self.accumulation, device=str(ctx.device),
-            backend=ctx.backend, precision=self.precision, parameters=self.num_parameters,
-            parameters_per_rank=per_rank, torch=torch.__version__, startup=self.startup))
+        self._announce_start(
+            dict(
+                world_size=ctx.world_size,
+                global_batch_size=train.global_batch_size,
+                micro_batch_size=self.micro_batch,
+                accumulation=self.accumulation,
+                device=str(ctx.device),
+                backend=ctx.backend,
+                precision=self.precision,
+                parameters=self.num_parameters,
+                parameters_per_rank=per_rank,
+                torch=torch.__version__,
+                startup=self.startup,
+            )
+        )
         progress = Progress(self.total_steps, self.step, ctx.is_main)
-        progress.message(f"training {self.num_parameters:,} parameters on {ctx.world_size} "
-                         f"rank(s) ({ctx.device.type}, {self.precision}), global batch "
-                         f"{train.global_batch_size} = {ctx.world_size} x {self.micro_batch} x "
-                         f"{self.accumulation}, {self.total_steps} steps, run {self.run.url}")
+        progress.message(
+            f"training {self.num_parameters:,} parameters on {ctx.world_size} "
+            f"rank(s) ({ctx.device.type}, {self.precision}), global batch "
+            f"{train.global_batch_size} = {ctx.world_size} x {self.micro_batch} x "
+            f"{self.accumulation}, {self.total_steps} steps, run {self.run.url}"
+        )
         # Handlers first: a signal during the first evaluation is honoured at the first boundary.
         stop = StopRequest(ck.stop_signals if ck.save_on_signal else "", ck.grace_seconds)
         try:
@@ -303,8 +351,16 @@ class Trainer:
         return self.metrics
 
     def _announce_start(self, fields: dict) -> None:
-        on_main(self.ctx, lambda: self.run.event("start" if self.step == 0 else "resume", step=self.step,
-                                                 leg=self.leg, samples_seen=self.samples_seen, **fields))
+        on_main(
+            self.ctx,
+            lambda: self.run.event(
+                "start" if self.step == 0 else "resume",
+                step=self.step,
+                leg=self.leg,
+                samples_seen=self.samples_seen,
+                **fields,
+            ),
+        )
 
     def _loop(self, progress: Progress, stop: StopRequest, stop_at_step: int | None) -> None:
         """Steps until the end, ``stop_at_step`` or an agreed stop; then the last, synchronous save."""
@@ -326,11 +382,16 @@ class Trainer:
                 record = None
                 if self.step % train.log_interval == 0 or self.finished:
                     dist.all_reduce(window_loss)
-                    record = {"step": self.step, "leg": self.leg, "epoch": self.sampler.epoch,
-                              "time": time.time(), "samples_seen": self.samples_seen,
-                              "loss": window_loss.item() / (window_steps * train.global_batch_size),
-                              "lr": self.optimizer.param_groups[0]["lr"],
-                              "samples_per_s": window_steps * train.global_batch_size / window_busy}
+                    record = {
+                        "step": self.step,
+                        "leg": self.leg,
+                        "epoch": self.sampler.epoch,
+                        "time": time.time(),
+                        "samples_seen": self.samples_seen,
+                        "loss": window_loss.item() / (window_steps * train.global_batch_size),
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "samples_per_s": window_steps * train.global_batch_size / window_busy,
+                    }
                     self._log("train", record)
                     window_loss.zero_()
                     window_steps, window_busy = 0, 0.0
@@ -362,11 +423,23 @@ class Trainer:
         self.checkpoints.close()
         self._ship_logs()
         on_every_rank(ctx, self._raise_failure)  # a log line that could not be written: say so now
-        reason = ({"reason": self.stopped_by_signal, "requested": stop.received_time, "agreed": agreed}
-                  if self.stopped_by_signal else {})
+        reason = (
+            {"reason": self.stopped_by_signal, "requested": stop.received_time, "agreed": agreed}
+            if self.stopped_by_signal
+            else {}
+        )
         fields = self._end_fields()  # collective where it gathers from every rank
-        on_main(ctx, lambda: self.run.event("end" if self.finished else "stop", step=self.step,
-                                            samples_seen=self.samples_seen, **reason, **self.metrics, **fields))
+        on_main(
+            ctx,
+            lambda: self.run.event(
+                "end" if self.finished else "stop",
+                step=self.step,
+                samples_seen=self.samples_seen,
+                **reason,
+                **self.metrics,
+                **fields,
+            ),
+        )
 
     def _end_fields(self) -> dict:
         return {}
@@ -383,10 +456,12 @@ class Trainer:
         if not math.isfinite(metrics["val_mse"]):  # every rank has the same all-reduced metrics
             raise self._diverged(f"validation MSE at step {self.step} is {metrics['val_mse']}")
         self._log("eval", {"step": self.step, "samples_seen": self.samples_seen, **metrics})
-        progress.message(f"step {self.step}: val mse {metrics['val_mse']:.4f} "
-                         f"(k-means {metrics['kmeans_mse']:.4f}, set mean {metrics['trivial_mse']:.4f}), "
-                         f"wasserstein {metrics['val_wasserstein']:.4f} "
-                         f"(k-means {metrics['kmeans_wasserstein']:.4f})")
+        progress.message(
+            f"step {self.step}: val mse {metrics['val_mse']:.4f} "
+            f"(k-means {metrics['kmeans_mse']:.4f}, set mean {metrics['trivial_mse']:.4f}), "
+            f"wasserstein {metrics['val_wasserstein']:.4f} "
+            f"(k-means {metrics['kmeans_wasserstein']:.4f})"
+        )
         if self.step == 0 or not metrics["val_mse"] < self.counters.best["val_mse"]:
             return []
         self.counters.best = {"val_mse": metrics["val_mse"], "step": self.step}

@@ -4,6 +4,7 @@ Scores are sums over examples, so ranks that each hold a share of the set add
 theirs up and divide once by the set's size; one process scores the whole set
 the same way.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,9 @@ SCORES = ("mse", "wasserstein", "trivial_mse", "kmeans_mse", "kmeans_wasserstein
 
 def validation_examples(data, indices, seed: int | None = None) -> dict:
     """Examples ``indices`` of the run's validation set (or of another ``seed``)."""
-    return make_examples(mixture_spec(data), data.val_seed if seed is None else seed, VALIDATION_STREAM,
-                         np.asarray(indices))
+    return make_examples(
+        mixture_spec(data), data.val_seed if seed is None else seed, VALIDATION_STREAM, np.asarray(indices)
+    )
 
 
 def rank_share(num_samples: int, rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -39,9 +41,11 @@ def baseline_sums(examples: dict, seeds) -> dict:
     """Summed errors of the set mean and of k-means told the true K (seeded per example)."""
     points, targets = examples["points"], examples["targets"]
     kmeans = kmeans_centres(points, examples["num_components"], seeds=seeds)
-    return {"trivial_mse": squared_error(set_mean_centres(points), targets).sum().item(),
-            "kmeans_mse": squared_error(torch.from_numpy(kmeans), targets).sum().item(),
-            "kmeans_wasserstein": float(wasserstein(kmeans, targets.numpy()).sum())}
+    return {
+        "trivial_mse": squared_error(set_mean_centres(points), targets).sum().item(),
+        "kmeans_mse": squared_error(torch.from_numpy(kmeans), targets).sum().item(),
+        "kmeans_wasserstein": float(wasserstein(kmeans, targets.numpy()).sum()),
+    }
 
 
 def prediction_sums(predict, examples: dict, batch_size: int, weight=None) -> dict:

@@ -11,6 +11,7 @@ that stops while the others save is caught by the heartbeat (dtrain/heartbeat.py
 this watchdog is for the rank that is alive, and so beats, but stuck
 (docs/elastic.md, "A hung rank").
 """
+
 from __future__ import annotations
 
 import os
@@ -63,8 +64,11 @@ class StepWatchdog:
             excluded = self._excluded  # before the time, the order not_counted() writes them in
             waited = time.monotonic() - self._last
             if not excluded and waited > self.timeout_s:
-                print(f"dtrain: rank {self.rank}: no training step finished in {waited:.0f} s "
-                      f"(--train.step_timeout={self.timeout_s:g}): a rank of the job is hung or gone; "
-                      "exiting so that the launcher restarts the job from the last committed checkpoint",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"dtrain: rank {self.rank}: no training step finished in {waited:.0f} s "
+                    f"(--train.step_timeout={self.timeout_s:g}): a rank of the job is hung or gone; "
+                    "exiting so that the launcher restarts the job from the last committed checkpoint",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 os._exit(EXIT_CRASH)

@@ -16,6 +16,7 @@ exactly once, and steps lost only to SIGKILLs, each at most the save interval
 --async saves in the background; --s3 puts the run directory on an S3 server
 (moto) that this script starts on loopback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,10 +36,18 @@ from dtrain.rundir import RunDirectory
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
 SAVE_INTERVAL = 5
-JOB = ["--preset", "tiny", "--train.global_batch_size=24", "--data.train_samples=240",
-       "--train.max_steps=0", "--train.log_interval=1", "--train.eval_interval=50",
-       f"--checkpoint.interval_steps={SAVE_INTERVAL}", "--checkpoint.keep_last=3",
-       "--data.record_indices=true"]
+JOB = [
+    "--preset",
+    "tiny",
+    "--train.global_batch_size=24",
+    "--data.train_samples=240",
+    "--train.max_steps=0",
+    "--train.log_interval=1",
+    "--train.eval_interval=50",
+    f"--checkpoint.interval_steps={SAVE_INTERVAL}",
+    "--checkpoint.keep_last=3",
+    "--data.record_indices=true",
+]
 
 
 def workers(agent: subprocess.Popen) -> list[int]:
@@ -55,10 +64,24 @@ def torn(catalog: CheckpointCatalog) -> set[str]:
 
 
 def start(run_dir: str, world: int, extra: list[str], log, env: dict) -> subprocess.Popen:
-    command = [TORCHRUN, "--standalone", f"--nproc_per_node={world}", "-m", "dtrain.train",
-               "--run-dir", run_dir, *JOB, *extra]
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    command = [
+        TORCHRUN,
+        "--standalone",
+        f"--nproc_per_node={world}",
+        "-m",
+        "dtrain.train",
+        "--run-dir",
+        run_dir,
+        *JOB,
+        *extra,
+    ]
+    return subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+    )
 
 
 def s3_server(bucket: str) -> dict:
@@ -66,14 +89,22 @@ def s3_server(bucket: str) -> dict:
     import logging
 
     from moto.server import ThreadedMotoServer
+
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{server._server.server_address[1]}"
-    env = {"AWS_ACCESS_KEY_ID": "chaos", "AWS_SECRET_ACCESS_KEY": "chaos", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "chaos",
+        "AWS_SECRET_ACCESS_KEY": "chaos",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "FSSPEC_S3_ENDPOINT_URL": endpoint,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     os.environ.update(env)
     import s3fs
+
     s3fs.S3FileSystem.clear_instance_cache()
     s3fs.S3FileSystem().mkdir(bucket)
     return env
@@ -122,8 +153,7 @@ def main() -> int:
             if agent.poll() is None and victims:
                 in_flight = bool(torn(catalog) - leftovers)
                 os.kill(rng.choice(victims), how)
-                kills.append({"round": round_, "world_size": world, "signal": how.name,
-                              "save_in_flight": in_flight})
+                kills.append({"round": round_, "world_size": world, "signal": how.name, "save_in_flight": in_flight})
             code = finish(agent)
             print(f"round {round_}: {world} rank(s), {how.name}, exit {code}", flush=True)
         # The last round: a new world size, and a plan that ends two epochs from here.
@@ -133,17 +163,25 @@ def main() -> int:
         code = finish(start(run_url, world, [f"--train.num_epochs={epoch + 2}", *extra], log, env), timeout=600)
         print(f"final round: {world} rank(s), exit {code}", flush=True)
     report = check_run(run_url)
-    lost_ok = all(leg["lost_steps"] == 0 or (leg["ended"] == "killed" and leg["lost_steps"] <= bound)
-                  for leg in report["legs"])
-    report.update(mode={"async": args.async_save, "s3": args.s3}, kills=kills, kills_total=len(kills),
-                  kills_during_save=sum(k["save_in_flight"] for k in kills),
-                  lost_steps_within_interval=lost_ok, chaos_ok=report["ok"] and report["finished"] and lost_ok)
+    lost_ok = all(
+        leg["lost_steps"] == 0 or (leg["ended"] == "killed" and leg["lost_steps"] <= bound) for leg in report["legs"]
+    )
+    report.update(
+        mode={"async": args.async_save, "s3": args.s3},
+        kills=kills,
+        kills_total=len(kills),
+        kills_during_save=sum(k["save_in_flight"] for k in kills),
+        lost_steps_within_interval=lost_ok,
+        chaos_ok=report["ok"] and report["finished"] and lost_ok,
+    )
     (Path(args.run_dir) / "chaos_report.json").write_text(json.dumps(report, indent=2))
     print(format_report(report))
-    print(f"{len(kills)} kills ({sum(k['signal'] == 'SIGKILL' for k in kills)} SIGKILL, "
-          f"{report['kills_during_save']} with a save in flight), final exit {code}, "
-          f"lost steps within {bound} steps: {lost_ok}, lost to SIGTERM: "
-          f"{sum(leg['lost_steps'] for leg in report['legs'] if leg['ended'].startswith('stopped'))}")
+    print(
+        f"{len(kills)} kills ({sum(k['signal'] == 'SIGKILL' for k in kills)} SIGKILL, "
+        f"{report['kills_during_save']} with a save in flight), final exit {code}, "
+        f"lost steps within {bound} steps: {lost_ok}, lost to SIGTERM: "
+        f"{sum(leg['lost_steps'] for leg in report['legs'] if leg['ended'].startswith('stopped'))}"
+    )
     print("CHAOS OK" if report["chaos_ok"] else "CHAOS FAILED")
     return 0 if report["chaos_ok"] else 1
 

@@ -40,8 +40,7 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture
 def tiny_args():
     """A few seconds of training on the tiny preset."""
-    return ["--preset", "tiny", "--train.max_steps=6", "--train.log_interval=1",
-            "--train.eval_interval=0"]
+    return ["--preset", "tiny", "--train.max_steps=6", "--train.log_interval=1", "--train.eval_interval=0"]
 
 
 from s3server import s3_env  # noqa: E402,F401  (the fixture, for every test module)
@@ -52,6 +51,5 @@ HELPERS = Path(__file__).parent / "helpers"
 def torchrun_script(script: str, args, nproc: int, timeout: float = 300, env: dict | None = None):
     """Run a helper script of tests/helpers under the real torchrun."""
     command = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", str(HELPERS / script), *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HELPERS.parent.parent),
-                **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HELPERS.parent.parent), **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env)

@@ -1,10 +1,11 @@
 """A TCP proxy on loopback in front of the S3 server, that can pass, refuse or stall connections.
 
-    proxy = FaultProxy(("127.0.0.1", s3_port)).start()
-    proxy.mode = "stall"     # accept, read, never answer: an endpoint that hangs
-    proxy.mode = "refuse"    # accept and close at once: an endpoint that is down
-    proxy.mode = "pass"      # forward both ways
+proxy = FaultProxy(("127.0.0.1", s3_port)).start()
+proxy.mode = "stall"     # accept, read, never answer: an endpoint that hangs
+proxy.mode = "refuse"    # accept and close at once: an endpoint that is down
+proxy.mode = "pass"      # forward both ways
 """
+
 from __future__ import annotations
 
 import socket

@@ -3,6 +3,7 @@
 Each node is `launch/elastic.sh` with one worker; the rendezvous store runs in a
 process of its own (docs/elastic.md, "Where the store lives"), so any node may be lost.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,28 +35,50 @@ def free_port() -> int:
 
 
 def rendezvous_store(port: int) -> subprocess.Popen:
-    script = ("import sys, time; from torch.distributed import TCPStore; "
-              "store = TCPStore('127.0.0.1', int(sys.argv[1]), is_master=True, wait_for_workers=False); "
-              "print('ready', flush=True); time.sleep(3600)")
+    script = (
+        "import sys, time; from torch.distributed import TCPStore; "
+        "store = TCPStore('127.0.0.1', int(sys.argv[1]), is_master=True, wait_for_workers=False); "
+        "print('ready', flush=True); time.sleep(3600)"
+    )
     store = subprocess.Popen([sys.executable, "-c", script, str(port)], stdout=subprocess.PIPE, text=True)
     assert store.stdout.readline().strip() == "ready"
     return store
 
 
-def node(run_dir, port: int, args: list[str], log, nnodes: str = "1:2", job_id: str = "elastic-test",
-         rdzv_conf: str = RDZV_CONF) -> subprocess.Popen:
+def node(
+    run_dir,
+    port: int,
+    args: list[str],
+    log,
+    nnodes: str = "1:2",
+    job_id: str = "elastic-test",
+    rdzv_conf: str = RDZV_CONF,
+) -> subprocess.Popen:
     """One node, one worker. Output goes to a file: a pipe nobody reads while the job runs would
     fill and block it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NNODES": nnodes, "NPROC": "1", "RESTARTS": "5",
-           "RDZV_ENDPOINT": f"127.0.0.1:{port}", "JOB_ID": job_id, "RUN_DIR": str(run_dir),
-           "RDZV_CONF": rdzv_conf, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    return subprocess.Popen(["bash", str(ROOT / "launch/elastic.sh"), *args], stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "NNODES": nnodes,
+        "NPROC": "1",
+        "RESTARTS": "5",
+        "RDZV_ENDPOINT": f"127.0.0.1:{port}",
+        "JOB_ID": job_id,
+        "RUN_DIR": str(run_dir),
+        "RDZV_CONF": rdzv_conf,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+    }
+    return subprocess.Popen(
+        ["bash", str(ROOT / "launch/elastic.sh"), *args],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
 
 
 def children(pid: int) -> list[int]:
-    out = subprocess.run([shutil.which("pgrep") or "pgrep", "-P", str(pid)], capture_output=True,
-                         text=True).stdout
+    out = subprocess.run([shutil.which("pgrep") or "pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return sorted(int(child) for child in out.split())
 
 

@@ -3,6 +3,7 @@
 ``S3_REQUESTS`` records every request the server answers (method, path, bytes in
 and out), so tests count requests and bytes where a real S3 bill would.
 """
+
 import logging
 import os
 from dataclasses import dataclass
@@ -32,8 +33,14 @@ class _Recorder:
         chunks = list(body)
         if hasattr(body, "close"):
             body.close()
-        S3_REQUESTS.append(Request(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
-                                   int(environ.get("CONTENT_LENGTH") or 0), sum(len(c) for c in chunks)))
+        S3_REQUESTS.append(
+            Request(
+                environ["REQUEST_METHOD"],
+                environ.get("PATH_INFO", ""),
+                int(environ.get("CONTENT_LENGTH") or 0),
+                sum(len(c) for c in chunks),
+            )
+        )
         return chunks
 
 
@@ -53,12 +60,17 @@ def start_server():
 def s3_env():
     """Start the server and a bucket; yield the environment that points s3fs (and botocore) at it."""
     server, endpoint = start_server()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-           "FSSPEC_S3_ENDPOINT_URL": endpoint}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "FSSPEC_S3_ENDPOINT_URL": endpoint,
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import s3fs
+
     s3fs.S3FileSystem.clear_instance_cache()
     s3fs.S3FileSystem().mkdir("dtrain-test")
     yield env

@@ -6,6 +6,7 @@ temporary directory, and are stopped afterwards. Needs root and Debian's
 ``slurmd slurmctld slurm-client munge`` packages; ``missing()`` says in one
 line why a cluster cannot be started here.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,10 @@ def missing() -> str:
     """Why no cluster can run here ("" when one can)."""
     absent = [p for p in PROGRAMS if shutil.which(p) is None and not Path("/usr/sbin", p).exists()]
     if absent:
-        return (f"SLURM is not installed ({', '.join(absent)} missing): as root, "
-                "apt-get install slurmd slurmctld slurm-client munge")
+        return (
+            f"SLURM is not installed ({', '.join(absent)} missing): as root, "
+            "apt-get install slurmd slurmctld slurm-client munge"
+        )
     if os.geteuid() != 0:
         return "a local SLURM cluster needs root (slurmd starts jobs as their users)"
     return ""
@@ -59,13 +62,24 @@ class Cluster:
         key.chmod(0o400)
         self.conf.write_text(self._conf())
         try:
-            subprocess.run([_program("munged"), "--force", f"--key-file={key}",
-                            f"--socket={self.dir / 'munge.socket'}", f"--pid-file={self.dir / 'munged.pid'}",
-                            f"--log-file={self.dir / 'munged.log'}", f"--seed-file={self.dir / 'munge.seed'}"],
-                           check=True, capture_output=True, timeout=30)
+            subprocess.run(
+                [
+                    _program("munged"),
+                    "--force",
+                    f"--key-file={key}",
+                    f"--socket={self.dir / 'munge.socket'}",
+                    f"--pid-file={self.dir / 'munged.pid'}",
+                    f"--log-file={self.dir / 'munged.log'}",
+                    f"--seed-file={self.dir / 'munge.seed'}",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
             for daemon in ("slurmctld", "slurmd"):
-                subprocess.run([_program(daemon), "-f", str(self.conf)], check=True, capture_output=True,
-                               env=self.env, timeout=30)
+                subprocess.run(
+                    [_program(daemon), "-f", str(self.conf)], check=True, capture_output=True, env=self.env, timeout=30
+                )
             self._wait_idle()
         except BaseException:
             self.__exit__()
@@ -74,18 +88,37 @@ class Cluster:
 
     def _conf(self) -> str:
         d = self.dir
-        return "\n".join([
-            # Addresses given, so no host name has to resolve.
-            "ClusterName=dtraintest", f"SlurmctldHost={self.host}(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
-            f"AuthInfo=socket={d / 'munge.socket'},cred_expire=10", f"StateSaveLocation={d / 'state'}",
-            f"SlurmdSpoolDir={d / 'spool'}", f"SlurmctldLogFile={d / 'slurmctld.log'}",
-            f"SlurmdLogFile={d / 'slurmd.log'}", f"SlurmctldPidFile={d / 'slurmctld.pid'}",
-            f"SlurmdPidFile={d / 'slurmd.pid'}", f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core", "MpiDefault=none", "ReturnToService=2", "JobRequeue=1",
-            "KillWait=30", "SchedulerParameters=sched_interval=2", "MinJobAge=600",
-            f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=4000 State=UNKNOWN",
-            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP", ""])
+        return "\n".join(
+            [
+                # Addresses given, so no host name has to resolve.
+                "ClusterName=dtraintest",
+                f"SlurmctldHost={self.host}(127.0.0.1)",
+                "SlurmUser=root",
+                "SlurmdUser=root",
+                f"AuthInfo=socket={d / 'munge.socket'},cred_expire=10",
+                f"StateSaveLocation={d / 'state'}",
+                f"SlurmdSpoolDir={d / 'spool'}",
+                f"SlurmctldLogFile={d / 'slurmctld.log'}",
+                f"SlurmdLogFile={d / 'slurmd.log'}",
+                f"SlurmctldPidFile={d / 'slurmctld.pid'}",
+                f"SlurmdPidFile={d / 'slurmd.pid'}",
+                f"SlurmctldPort={_free_port()}",
+                f"SlurmdPort={_free_port()}",
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_Core",
+                "MpiDefault=none",
+                "ReturnToService=2",
+                "JobRequeue=1",
+                "KillWait=30",
+                "SchedulerParameters=sched_interval=2",
+                "MinJobAge=600",
+                f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=4000 State=UNKNOWN",
+                "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+                "",
+            ]
+        )
 
     def _wait_idle(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -105,8 +138,12 @@ class Cluster:
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
     def __exit__(self, *exc) -> None:
-        subprocess.run([_program("scancel"), "--full", "--signal=KILL", "--user=root"], env=self.env,
-                       capture_output=True, timeout=30)
+        subprocess.run(
+            [_program("scancel"), "--full", "--signal=KILL", "--user=root"],
+            env=self.env,
+            capture_output=True,
+            timeout=30,
+        )
         for name in ("slurmd", "slurmctld", "munged"):
             pid_file = self.dir / f"{name}.pid"
             try:

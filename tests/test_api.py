@@ -1,4 +1,5 @@
 """The Python API, as the README and the issue show it, on the tiny preset."""
+
 import json
 import shutil
 
@@ -87,9 +88,12 @@ def test_predict_of_an_export_equals_predict_from_the_sharded_checkpoint(tmp_pat
 
 def test_visualize_and_curves_write_pngs(run_a, tmp_path):
     from dtrain.plots import plot_run
+
     manager = ExperimentManager.load_best_model(str(run_a / "runs/a")).get_model_manager()
-    for path in (manager.visualize(str(tmp_path / "examples.png")),
-                 plot_run(str(run_a / "runs/a"), str(tmp_path / "curves.png"))):
+    for path in (
+        manager.visualize(str(tmp_path / "examples.png")),
+        plot_run(str(run_a / "runs/a"), str(tmp_path / "curves.png")),
+    ):
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
 
@@ -117,8 +121,13 @@ def test_model_manager_scores_a_checkpoint_as_training_did(run_a):
     final = [json.loads(m.read_text()) for m in (run_dir / "checkpoints").glob("*/manifest.json")]
     final = max(final, key=lambda m: m["sequence"])
     scores = ModelManager.load(str(run_dir)).evaluate(num_samples=final["config"]["data"]["val_samples"])
-    for ours, training in (("mse", "val_mse"), ("wasserstein", "val_wasserstein"), ("trivial_mse", "trivial_mse"),
-                           ("kmeans_mse", "kmeans_mse"), ("kmeans_wasserstein", "kmeans_wasserstein")):
+    for ours, training in (
+        ("mse", "val_mse"),
+        ("wasserstein", "val_wasserstein"),
+        ("trivial_mse", "trivial_mse"),
+        ("kmeans_mse", "kmeans_mse"),
+        ("kmeans_wasserstein", "kmeans_wasserstein"),
+    ):
         assert scores[ours] == pytest.approx(final["metrics"][training], rel=1e-5), ours
 
 

@@ -1,4 +1,5 @@
 """Torn and corrupt checkpoints are never loaded; the previous committed one is."""
+
 import subprocess
 import sys
 
@@ -8,8 +9,14 @@ from conftest import launch, read_jsonl, torchrun_script
 from dtrain.checkpoint.catalog import CheckpointCatalog
 from dtrain.checkpoint.manifest import MANIFEST, Manifest
 
-TINY = ["--preset", "tiny", "--train.log_interval=1", "--train.eval_interval=0",
-        "--checkpoint.interval_steps=2", "--checkpoint.keep_last=2"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--train.log_interval=1",
+    "--train.eval_interval=0",
+    "--checkpoint.interval_steps=2",
+    "--checkpoint.keep_last=2",
+]
 
 
 def dtrain_cli(*args):
@@ -58,9 +65,9 @@ def damage(path, how):
         path.write_bytes(data)
 
 
-@pytest.mark.parametrize("how, reason, nproc", [("truncate", "size", 2),
-                                                ("flip", "CRC32C of bytes", 2),
-                                                ("flip", "CRC32C of bytes", 1)])
+@pytest.mark.parametrize(
+    "how, reason, nproc", [("truncate", "size", 2), ("flip", "CRC32C of bytes", 2), ("flip", "CRC32C of bytes", 1)]
+)
 def test_a_damaged_shard_is_named_by_verify_and_resume_falls_back(finished_run, how, reason, nproc):
     """A wrong size is found before loading; a flipped byte as the load (same size or resharded)
     reads it."""
@@ -82,17 +89,28 @@ def test_a_damaged_shard_is_named_by_verify_and_resume_falls_back(finished_run, 
 def test_checkpoints_load_with_plain_pytorch_and_exports_with_weights_only(finished_run, tmp_path):
     export = tmp_path / "model.pt"
     assert dtrain_cli("export", str(finished_run), "--out", str(export)).returncode == 0
-    assert dtrain_cli("export", str(finished_run), "--step", "best", "--format", "safetensors",
-                      "--out", str(tmp_path / "model.safetensors")).returncode == 0
+    assert (
+        dtrain_cli(
+            "export",
+            str(finished_run),
+            "--step",
+            "best",
+            "--format",
+            "safetensors",
+            "--out",
+            str(tmp_path / "model.safetensors"),
+        ).returncode
+        == 0
+    )
     separate = dtrain_cli("export", str(finished_run), "--separate", "--out", str(tmp_path / "sep"))
     assert separate.returncode == 0, separate.stderr
     script = f"""
 import sys, torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-dcp_to_torch_save({str(finished_run / 'checkpoints/step_00000006')!r}, {str(tmp_path / 'full.pt')!r})
-full = torch.load({str(tmp_path / 'full.pt')!r}, weights_only=False)
+dcp_to_torch_save({str(finished_run / "checkpoints/step_00000006")!r}, {str(tmp_path / "full.pt")!r})
+full = torch.load({str(tmp_path / "full.pt")!r}, weights_only=False)
 export = torch.load({str(export)!r}, weights_only=True)
-optimizer = torch.load({str(tmp_path / 'sep/optimizer.pt')!r}, weights_only=True)["optimizer"]
+optimizer = torch.load({str(tmp_path / "sep/optimizer.pt")!r}, weights_only=True)["optimizer"]
 model = full["model"]
 assert model.keys() == export["model"].keys(), (model.keys(), export["model"].keys())
 assert all(torch.equal(model[k], export["model"][k]) for k in model)
@@ -109,16 +127,28 @@ print("plain", len(model))
 def fake_checkpoint(catalog, step, tags=(), commit=True):
     """A directory with DCP-shaped files; committed with a manifest that describes them."""
     import hashlib
+
     name = f"step_{step:08d}"
     directory = catalog.directory(name)
     catalog.fs.makedirs(directory, exist_ok=True)
     catalog.fs.pipe_file(f"{directory}/__0_0.distcp", b"x")
     if commit:
         catalog.fs.pipe_file(f"{directory}/.metadata", b"m")
-        files = {n: {"size": 1, "sha256": hashlib.sha256(c).hexdigest()}
-                 for n, c in (("__0_0.distcp", b"x"), (".metadata", b"m"))}
-        manifest = Manifest(step=step, tags=list(tags), progress={}, world_size=1, global_batch_size=1,
-                            micro_batch_size=1, config_fingerprint="", files=files, sequence=catalog.next_sequence())
+        files = {
+            n: {"size": 1, "sha256": hashlib.sha256(c).hexdigest()}
+            for n, c in (("__0_0.distcp", b"x"), (".metadata", b"m"))
+        }
+        manifest = Manifest(
+            step=step,
+            tags=list(tags),
+            progress={},
+            world_size=1,
+            global_batch_size=1,
+            micro_batch_size=1,
+            config_fingerprint="",
+            files=files,
+            sequence=catalog.next_sequence(),
+        )
         catalog.write_manifest(name, manifest.to_json())
 
 
@@ -162,8 +192,14 @@ def test_async_saves_hold_the_state_of_their_step(tmp_path):
     runs = {}
     for mode in ("false", "true"):
         run_dir = tmp_path / f"async_{mode}"
-        args = [*TINY, "--run-dir", str(run_dir), "--train.max_steps=6", "--checkpoint.keep_last=0",
-                f"--checkpoint.async_save={mode}"]
+        args = [
+            *TINY,
+            "--run-dir",
+            str(run_dir),
+            "--train.max_steps=6",
+            "--checkpoint.keep_last=0",
+            f"--checkpoint.async_save={mode}",
+        ]
         result = torchrun_script("slow_staging.py", args, nproc=2, env={"DTRAIN_TEST_STAGING_DELAY": "1.0"})
         assert result.returncode == 0, result.stderr[-3000:]
         runs[mode] = run_dir
@@ -180,16 +216,38 @@ def test_async_saves_hold_the_state_of_their_step(tmp_path):
 
 def test_epoch_and_time_intervals(tmp_path):
     run_dir = tmp_path / "epochs"
-    result = launch(["--preset", "tiny", "--run-dir", str(run_dir), "--data.train_samples=40",
-                     "--train.max_steps=10", "--checkpoint.interval_steps=0", "--checkpoint.interval_epochs=1",
-                     "--checkpoint.keep_last=0", "--train.eval_interval=0"])
+    result = launch(
+        [
+            "--preset",
+            "tiny",
+            "--run-dir",
+            str(run_dir),
+            "--data.train_samples=40",
+            "--train.max_steps=10",
+            "--checkpoint.interval_steps=0",
+            "--checkpoint.interval_epochs=1",
+            "--checkpoint.keep_last=0",
+            "--train.eval_interval=0",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     saves = [e["step"] for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "checkpoint"]
     assert saves == [3, 5, 8, 10]  # 16-sample steps cross epochs of 40 at steps 3, 5, 8; final at 10
     run_dir = tmp_path / "seconds"
-    result = launch(["--preset", "tiny", "--run-dir", str(run_dir), "--train.max_steps=4",
-                     "--checkpoint.interval_steps=0", "--checkpoint.interval_seconds=0.000001",
-                     "--checkpoint.keep_last=0", "--train.eval_interval=0"], nproc=2)
+    result = launch(
+        [
+            "--preset",
+            "tiny",
+            "--run-dir",
+            str(run_dir),
+            "--train.max_steps=4",
+            "--checkpoint.interval_steps=0",
+            "--checkpoint.interval_seconds=0.000001",
+            "--checkpoint.keep_last=0",
+            "--train.eval_interval=0",
+        ],
+        nproc=2,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     saves = [e["step"] for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "checkpoint"]
     assert saves == [1, 2, 3, 4]
@@ -198,8 +256,9 @@ def test_epoch_and_time_intervals(tmp_path):
 def test_resuming_an_older_step_never_writes_over_a_newer_checkpoint(finished_run):
     run_dir = finished_run
     original = (run_dir / "checkpoints/step_00000006" / MANIFEST).read_bytes()
-    result = launch(["--run-dir", str(run_dir), "--resume", "4", "--train.max_steps=7",
-                     "--checkpoint.keep_last=0"], nproc=2)
+    result = launch(
+        ["--run-dir", str(run_dir), "--resume", "4", "--train.max_steps=7", "--checkpoint.keep_last=0"], nproc=2
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from step_00000004" in result.stdout
     assert (run_dir / "checkpoints/step_00000006" / MANIFEST).read_bytes() == original

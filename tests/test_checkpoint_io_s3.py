@@ -1,6 +1,7 @@
 """Checkpoint bytes on object storage, counted by the S3 server: a save reads nothing back, a
 same-size load reads each shard byte at most once, a resharded load just the rows it needs, all
 checked."""
+
 import subprocess
 import sys
 
@@ -8,8 +9,18 @@ from conftest import launch
 from s3server import S3_REQUESTS
 
 URL = "s3://dtrain-test/run-io"
-ARGS = ["--preset", "tiny", "--model.width=128", "--model.layers=4", "--model.heads=4",  # ~10 MB of shards
-        "--train.log_interval=1", "--train.eval_interval=0", "--checkpoint.interval_steps=4", "--run-dir", URL]
+ARGS = [
+    "--preset",
+    "tiny",
+    "--model.width=128",
+    "--model.layers=4",
+    "--model.heads=4",  # ~10 MB of shards
+    "--train.log_interval=1",
+    "--train.eval_interval=0",
+    "--checkpoint.interval_steps=4",
+    "--run-dir",
+    URL,
+]
 
 
 def shard_gets(step: int) -> dict[str, list[int]]:
@@ -23,14 +34,16 @@ def shard_gets(step: int) -> dict[str, list[int]]:
 
 def test_saves_read_nothing_back_and_loads_read_each_byte_once(s3_env):
     from dtrain.rundir import RunDirectory
+
     S3_REQUESTS.clear()
     first = launch([*ARGS, "--train.max_steps=4"], nproc=2, env=s3_env)
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoint = "/run-io/checkpoints/step_00000004/"
     written = {r.path.rsplit("/", 1)[-1] for r in S3_REQUESTS if r.method == "PUT" and checkpoint in r.path}
     assert {".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json"} <= written
-    read_back = [r for r in S3_REQUESTS if r.method == "GET" and checkpoint in r.path
-                 and not r.path.endswith("manifest.json")]
+    read_back = [
+        r for r in S3_REQUESTS if r.method == "GET" and checkpoint in r.path and not r.path.endswith("manifest.json")
+    ]
     assert not read_back, f"the save read back {[(r.path, r.received) for r in read_back]}"
 
     sizes = {name: entry["size"] for name, entry in RunDirectory(URL).catalog().scan().committed[-1].files.items()}
@@ -61,8 +74,18 @@ def test_saves_read_nothing_back_and_loads_read_each_byte_once(s3_env):
     assert 0.99 * total <= read <= 1.6 * total, read / total
 
     events = RunDirectory(URL).events()
-    assert [e["event"] for e in events if e["event"] in ("start", "resume", "end")] == \
-        ["start", "end", "resume", "end", "resume", "end"]
-    verdict = subprocess.run([sys.executable, "-m", "dtrain.cli", "verify", URL], capture_output=True, text=True,
-                             env={**__import__("os").environ, **s3_env})
+    assert [e["event"] for e in events if e["event"] in ("start", "resume", "end")] == [
+        "start",
+        "end",
+        "resume",
+        "end",
+        "resume",
+        "end",
+    ]
+    verdict = subprocess.run(
+        [sys.executable, "-m", "dtrain.cli", "verify", URL],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, **s3_env},
+    )
     assert verdict.returncode == 0 and verdict.stdout.count(": ok") == 3, verdict.stdout + verdict.stderr

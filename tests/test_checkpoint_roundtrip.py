@@ -1,4 +1,5 @@
 """Save on W ranks, load on W' ranks: model and AdamW state match exactly (local disk and S3)."""
+
 import torch
 from conftest import torchrun_script
 
@@ -24,8 +25,9 @@ def assert_same_state(loaded, reference):
 
 def roundtrip(base: str, tmp_path, saves, loads, env=None):
     for world in saves:
-        result = torchrun_script("roundtrip.py", ["save", str(tmp_path / f"ref{world}.pt"), f"{base}/w{world}"],
-                                 world, env=env)
+        result = torchrun_script(
+            "roundtrip.py", ["save", str(tmp_path / f"ref{world}.pt"), f"{base}/w{world}"], world, env=env
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     for world in loads:
         runs = [f"{base}/w{w}" for w in saves]

@@ -25,10 +25,13 @@ def test_help_lists_every_option_with_its_default(capsys):
 
 def test_precedence_preset_then_file_then_command_line(tmp_path):
     from dtrain.config import build_parser, parse_args
+
     file = tmp_path / "c.toml"
-    file.write_text('[train]\nlr = 0.5\nmax_steps = 7\n[model]\nlayers = 3\n')
-    _, settings = parse_args(build_parser("t", ""), ["--preset", "tiny", "--config", str(file),
-                                                     "--train.max_steps=9", "--data.mode", "dynamic"])
+    file.write_text("[train]\nlr = 0.5\nmax_steps = 7\n[model]\nlayers = 3\n")
+    _, settings = parse_args(
+        build_parser("t", ""),
+        ["--preset", "tiny", "--config", str(file), "--train.max_steps=9", "--data.mode", "dynamic"],
+    )
     config = settings.resolve()
     assert config.preset_name == "tiny" and config.model.width == 32  # from the preset
     assert config.model.layers == 3 and config.train.lr == 0.5  # from the file
@@ -36,27 +39,30 @@ def test_precedence_preset_then_file_then_command_line(tmp_path):
     assert ExperimentConfig.from_dict(json.loads(config.to_json())) == config
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--train.global_batch_size=-4"], "--train.global_batch_size=-4 must be positive"),
-    (["--train.foo=1"], "unknown option --train.foo"),
-    (["--train.max_step=1"], "did you mean 'train.max_steps'"),
-    (["--train.lr=fast"], "train.lr='fast'"),
-    (["--model.heads=3"], "not divisible by --model.heads=3"),
-    (["--data.mode=random"], "use fixed or dynamic"),
-    (["--train.micro_batch_size=5"], "multiple of 5"),
-    (["--preset", "huge"], "invalid choice: 'huge'"),
-    (["--config", "/nonexistent.toml"], "does not exist"),
-    (["--train.lr=nan"], "--train.lr=nan is not a finite number"),
-    (["--checkpoint.interval_seconds=inf"], "is not a finite number"),
-    (["--train.max_steps=inf"], "expected int"),
-    (["--checkpoint.stop_signals=SIGKILL"], "SIGKILL cannot be caught"),
-    (["--checkpoint.stop_signals=SIGTERM,NOPE"], "'NOPE' is not a signal"),
-    (["--checkpoint.endpoint_url=s3.example.com"], "is not an http(s) URL"),
-    (["--checkpoint.storage_timeout=0"], "storage_timeout must be positive"),
-    (["--train.heartbeat_timeout=0.2"], "--train.heartbeat_timeout=0.2 is under a second"),
-    (["--train.heartbeat_timeout=-1"], "--train.heartbeat_timeout=-1.0 must not be negative"),
-    (["--resume=yesterday"], "--resume='yesterday' is not latest, best, never, restart"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--train.global_batch_size=-4"], "--train.global_batch_size=-4 must be positive"),
+        (["--train.foo=1"], "unknown option --train.foo"),
+        (["--train.max_step=1"], "did you mean 'train.max_steps'"),
+        (["--train.lr=fast"], "train.lr='fast'"),
+        (["--model.heads=3"], "not divisible by --model.heads=3"),
+        (["--data.mode=random"], "use fixed or dynamic"),
+        (["--train.micro_batch_size=5"], "multiple of 5"),
+        (["--preset", "huge"], "invalid choice: 'huge'"),
+        (["--config", "/nonexistent.toml"], "does not exist"),
+        (["--train.lr=nan"], "--train.lr=nan is not a finite number"),
+        (["--checkpoint.interval_seconds=inf"], "is not a finite number"),
+        (["--train.max_steps=inf"], "expected int"),
+        (["--checkpoint.stop_signals=SIGKILL"], "SIGKILL cannot be caught"),
+        (["--checkpoint.stop_signals=SIGTERM,NOPE"], "'NOPE' is not a signal"),
+        (["--checkpoint.endpoint_url=s3.example.com"], "is not an http(s) URL"),
+        (["--checkpoint.storage_timeout=0"], "storage_timeout must be positive"),
+        (["--train.heartbeat_timeout=0.2"], "--train.heartbeat_timeout=0.2 is under a second"),
+        (["--train.heartbeat_timeout=-1"], "--train.heartbeat_timeout=-1.0 must not be negative"),
+        (["--resume=yesterday"], "--resume='yesterday' is not latest, best, never, restart"),
+    ],
+)
 def test_bad_values_stop_with_one_line_naming_the_key(argv, words, capsys):
     code, out = run_main(argv, capsys)
     assert code == 2
@@ -69,6 +75,7 @@ def test_bad_file_keys_are_named(tmp_path):
     file.write_text('{"train": {"max_step": 1}}')
     with pytest.raises(ConfigError, match="unknown key 'train.max_step'.*did you mean 'train.max_steps'"):
         from dtrain.config import load_file
+
         ExperimentConfig.from_dict(load_file(str(file)), source=str(file))
 
 
@@ -84,15 +91,18 @@ def test_global_batch_split_follows_world_size():
         micro_batches(config, 16)
 
 
-@pytest.mark.parametrize("name, text, words", [
-    ("list.json", "[1, 2]", "holds a list"),
-    ("section.json", '{"train": 5}', "section 'train' in"),
-    ("value.json", '{"train": {"lr": [1]}}', "train.lr=[1]"),
-    ("flag.json", '{"train": {"max_steps": true}}', "train.max_steps=True"),
-    ("preset.toml", 'preset = 3', "preset 3"),
-    ("bad.toml", "[train\nlr = 1", "is not valid TOML"),
-    ("binary.toml", "\udcff", "is not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "name, text, words",
+    [
+        ("list.json", "[1, 2]", "holds a list"),
+        ("section.json", '{"train": 5}', "section 'train' in"),
+        ("value.json", '{"train": {"lr": [1]}}', "train.lr=[1]"),
+        ("flag.json", '{"train": {"max_steps": true}}', "train.max_steps=True"),
+        ("preset.toml", "preset = 3", "preset 3"),
+        ("bad.toml", "[train\nlr = 1", "is not valid TOML"),
+        ("binary.toml", "\udcff", "is not valid TOML"),
+    ],
+)
 def test_config_files_of_the_wrong_shape_are_one_line(tmp_path, capsys, name, text, words):
     path = tmp_path / name
     path.write_bytes(text.encode("utf-8", "surrogateescape"))

@@ -19,8 +19,11 @@ def test_an_example_is_a_pure_function_of_seed_stream_and_index():
 
 def test_seeds_streams_and_indices_give_different_examples():
     base = make_examples(SPEC, 7, TRAIN_STREAM, [0])["points"]
-    for other in (make_examples(SPEC, 8, TRAIN_STREAM, [0]), make_examples(SPEC, 7, VALIDATION_STREAM, [0]),
-                  make_examples(SPEC, 7, TRAIN_STREAM, [1])):
+    for other in (
+        make_examples(SPEC, 8, TRAIN_STREAM, [0]),
+        make_examples(SPEC, 7, VALIDATION_STREAM, [0]),
+        make_examples(SPEC, 7, TRAIN_STREAM, [1]),
+    ):
         assert not torch.equal(base, other["points"])
 
 

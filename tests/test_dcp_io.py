@@ -1,5 +1,6 @@
 """dtrain's DCP reader reads just the rows a request needs, where the manifest says where a
 stored tensor's bytes are, and gives exactly what DCP's own ``torch.load`` path gives."""
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -46,16 +47,32 @@ def read(path, checksums, requests):
     metadata = reader.read_metadata()
     reader.set_up_storage_reader(metadata, True)
     planner = _Collect()
-    items = [ReadItem(type=LoadItemType.TENSOR, dest_index=MetadataIndex(fqn), dest_offsets=torch.Size([0] * len(o)),
-                      storage_index=MetadataIndex(fqn, torch.Size([0] * len(o))), storage_offsets=torch.Size(o),
-                      lengths=torch.Size(n)) for fqn, o, n in requests]
+    items = [
+        ReadItem(
+            type=LoadItemType.TENSOR,
+            dest_index=MetadataIndex(fqn),
+            dest_offsets=torch.Size([0] * len(o)),
+            storage_index=MetadataIndex(fqn, torch.Size([0] * len(o))),
+            storage_offsets=torch.Size(o),
+            lengths=torch.Size(n),
+        )
+        for fqn, o, n in requests
+    ]
     reader.read_data(LoadPlan(items), planner).wait()
     return planner.loaded
 
 
-PARTS = [("weight", (0, 0), (300, 70)), ("weight", (101, 0), (57, 70)), ("weight", (299, 10), (1, 20)),
-         ("bf16", (7, 1, 2), (30, 2, 3)), ("steps", (999,), (1,)), ("transposed", (5, 3), (40, 60)),
-         ("conj", (3, 1), (9, 4)), ("scalar", (), ()), ("empty", (0, 0), (0, 4))]
+PARTS = [
+    ("weight", (0, 0), (300, 70)),
+    ("weight", (101, 0), (57, 70)),
+    ("weight", (299, 10), (1, 20)),
+    ("bf16", (7, 1, 2), (30, 2, 3)),
+    ("steps", (999,), (1,)),
+    ("transposed", (5, 3), (40, 60)),
+    ("conj", (3, 1), (9, 4)),
+    ("scalar", (), ()),
+    ("empty", (0, 0), (0, 4)),
+]
 
 
 def test_row_reads_give_what_the_stored_tensors_hold(saved):
@@ -75,8 +92,11 @@ def test_a_row_read_fetches_and_checks_only_blocks_near_its_rows(saved, monkeypa
     path, written = saved
     fetched = []
     original = CheckedFileSystemReader._fetch
-    monkeypatch.setattr(CheckedFileSystemReader, "_fetch",
-                        staticmethod(lambda p, start, end: fetched.append(end - start) or original(p, start, end)))
+    monkeypatch.setattr(
+        CheckedFileSystemReader,
+        "_fetch",
+        staticmethod(lambda p, start, end: fetched.append(end - start) or original(p, start, end)),
+    )
     loaded = read(path, written, [("weight", (101, 0), (57, 70))])
     row_bytes = 70 * 4
     assert torch.equal(loaded["weight", (101, 0)], STATE["weight"][101:158])

@@ -1,5 +1,6 @@
 """Elastic jobs across nodes: real torchrun agents on loopback (launch/elastic.sh) play two or
 three nodes, which are lost and come back; and a hung rank (docs/elastic.md)."""
+
 import os
 import signal
 import subprocess
@@ -53,14 +54,19 @@ def test_a_node_lost_then_back_shrinks_and_grows_the_job_without_losing_a_sample
 
 def test_workers_whose_agent_died_stop_with_a_checkpoint_instead_of_training_on(tmp_path):
     run_dir = tmp_path / "run"
-    agent = start([*JOB, "--run-dir", str(run_dir), "--train.num_epochs=1000"],
-                  ["--standalone", "--nproc_per_node=2"])
+    agent = start([*JOB, "--run-dir", str(run_dir), "--train.num_epochs=1000"], ["--standalone", "--nproc_per_node=2"])
     wait_for(lambda: len(train_steps(run_dir)) >= 8)
     orphans = children(agent.pid)
     os.kill(agent.pid, signal.SIGKILL)  # the agent alone: its workers live in sessions of their own
     agent.wait()
-    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and
-                             "zombie" not in open(f"/proc/{pid}/status").read() for pid in orphans), 60)
+    wait_for(
+        lambda: (
+            not any(
+                os.path.exists(f"/proc/{pid}") and "zombie" not in open(f"/proc/{pid}/status").read() for pid in orphans
+            )
+        ),
+        60,
+    )
     stop = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "stop"][-1]
     assert stop["reason"] == "AGENT_LOST" and stop["step"] == train_steps(run_dir)[-1]
     assert (run_dir / f"checkpoints/step_{stop['step']:08d}/manifest.json").exists()
@@ -103,11 +109,26 @@ def test_a_stopped_rank_is_noticed_within_the_heartbeat_timeout_and_the_job_rest
     SIGKILLs it: torch's, docs/elastic.md), and the job finishes from the last commit with every
     sample once."""
     run_dir, log = tmp_path / "run", tmp_path / "agent.log"
-    agent = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-                              "-m", "dtrain.train", *JOB, "--run-dir", str(run_dir), "--train.max_steps=60",
-                              "--checkpoint.interval_steps=1", "--train.heartbeat_timeout=3"],
-                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    agent = subprocess.Popen(
+        [
+            TORCHRUN,
+            "--standalone",
+            "--nproc_per_node=2",
+            "--max-restarts=1",
+            "-m",
+            "dtrain.train",
+            *JOB,
+            "--run-dir",
+            str(run_dir),
+            "--train.max_steps=60",
+            "--checkpoint.interval_steps=1",
+            "--train.heartbeat_timeout=3",
+        ],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         wait_for(lambda: len(train_steps(run_dir)) >= 8)
         stopped_at = time.monotonic()

@@ -1,5 +1,6 @@
 """The peer heartbeat (dtrain/heartbeat.py): a rank exits when the next one stops, or the job's store
 does, and not while its peer is busy, the whole job is suspended, or the store's host has died."""
+
 import os
 import signal
 import subprocess
@@ -26,8 +27,13 @@ time.sleep(120)
 
 
 def start(script, *args, env):
-    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def job(busy_s: float):

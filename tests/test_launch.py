@@ -1,4 +1,5 @@
 """End to end under the real torchrun (gloo, CPU) and as a plain single process."""
+
 import json
 
 import numpy as np
@@ -14,9 +15,17 @@ def runs(tmp_path_factory):
     out = {}
     for world in WORLD_SIZES:
         run_dir = tmp_path_factory.mktemp(f"w{world}")
-        args = ["--preset", "tiny", "--run-dir", str(run_dir), "--train.max_steps=6",
-                "--train.log_interval=1", "--train.eval_interval=3", "--train.micro_batch_size=4",
-                "--data.record_indices=true"]
+        args = [
+            "--preset",
+            "tiny",
+            "--run-dir",
+            str(run_dir),
+            "--train.max_steps=6",
+            "--train.log_interval=1",
+            "--train.eval_interval=3",
+            "--train.micro_batch_size=4",
+            "--data.record_indices=true",
+        ]
         result = launch(args, nproc=None if world == 1 else world)
         assert result.returncode == 0, result.stderr[-3000:]
         out[world] = run_dir
@@ -93,8 +102,7 @@ def test_resume_never_refuses_an_existing_run(runs):
 
 
 def test_a_batch_the_world_size_cannot_make_is_refused_before_anything_is_written(tmp_path):
-    result = launch(["--preset", "tiny", "--run-dir", str(tmp_path / "r"),
-                     "--train.global_batch_size=6"], nproc=4)
+    result = launch(["--preset", "tiny", "--run-dir", str(tmp_path / "r"), "--train.global_batch_size=6"], nproc=4)
     assert result.returncode != 0
     assert "--train.global_batch_size=6 cannot be split over 4 ranks; use a multiple of 4" in result.stderr
     assert not (tmp_path / "r").exists()

@@ -31,8 +31,7 @@ def test_output_moves_and_scales_with_the_input():
 
 
 def test_presets_span_test_to_gpu_sizes():
-    sizes = {name: count_parameters(build_model(ExperimentConfig.preset(name).model, 2))
-             for name in ("tiny", "small")}
+    sizes = {name: count_parameters(build_model(ExperimentConfig.preset(name).model, 2)) for name in ("tiny", "small")}
     assert sizes["tiny"] < 50_000 < sizes["small"]
     large = ExperimentConfig.preset("large").model
     # 12 w^2 per block dominates; count without allocating 300M parameters.

@@ -1,4 +1,5 @@
 """Preemption: an agreed stop on a signal, elastic restarts under torchrun, the chaos harness."""
+
 import os
 import signal
 import subprocess
@@ -12,15 +13,28 @@ from loopback_nodes import children, free_port, wait_for
 from dtrain.report import check_run
 
 ROOT = Path(__file__).parent.parent
-JOB = ["--preset", "tiny", "--train.global_batch_size=24", "--data.train_samples=240", "--train.max_steps=0",
-       "--train.log_interval=1", "--train.eval_interval=0", "--checkpoint.interval_steps=5",
-       "--data.record_indices=true"]
+JOB = [
+    "--preset",
+    "tiny",
+    "--train.global_batch_size=24",
+    "--data.train_samples=240",
+    "--train.max_steps=0",
+    "--train.log_interval=1",
+    "--train.eval_interval=0",
+    "--checkpoint.interval_steps=5",
+    "--data.record_indices=true",
+]
 
 
 def start(args, torchrun_args):
-    return subprocess.Popen([TORCHRUN, *torchrun_args, "-m", "dtrain.train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [TORCHRUN, *torchrun_args, "-m", "dtrain.train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def train_steps(run_dir):
@@ -29,8 +43,7 @@ def train_steps(run_dir):
 
 def test_sigterm_to_one_rank_saves_at_the_next_step_and_resumes_on_three(tmp_path):
     run_dir = tmp_path / "run"
-    agent = start([*JOB, "--run-dir", str(run_dir), "--train.num_epochs=1000"],
-                  ["--standalone", "--nproc_per_node=2"])
+    agent = start([*JOB, "--run-dir", str(run_dir), "--train.num_epochs=1000"], ["--standalone", "--nproc_per_node=2"])
     wait_for(lambda: len(train_steps(run_dir)) >= 8)
     os.kill(children(agent.pid)[1], signal.SIGTERM)  # one rank only: the other learns it at the boundary
     output, _ = agent.communicate(timeout=120)
@@ -40,21 +53,32 @@ def test_sigterm_to_one_rank_saves_at_the_next_step_and_resumes_on_three(tmp_pat
     assert stop["step"] == last_completed  # zero completed steps lost
     manifests = sorted((run_dir / "checkpoints").glob("step_*/manifest.json"))
     assert manifests[-1].parent.name == f"step_{last_completed:08d}"
-    resumed = launch([*JOB, "--run-dir", str(run_dir), "--train.num_epochs=1000",
-                      "--stop-at-step", str(last_completed + 2)], nproc=3)
+    resumed = launch(
+        [*JOB, "--run-dir", str(run_dir), "--train.num_epochs=1000", "--stop-at-step", str(last_completed + 2)], nproc=3
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from step_{last_completed:08d} (step {last_completed}, saved on 2 ranks) on 3 ranks" \
+    assert (
+        f"resuming from step_{last_completed:08d} (step {last_completed}, saved on 2 ranks) on 3 ranks"
         in resumed.stdout
+    )
     report = check_run(str(run_dir))
     assert report["steps_lost"] == 0 and report["ok"], report
 
 
 def test_sigkill_under_max_restarts_resumes_and_sees_every_sample_once(tmp_path):
     run_dir = tmp_path / "run"
-    agent = start([*JOB, "--run-dir", str(run_dir), "--train.num_epochs=20"],
-                  ["--nnodes=1:2", "--nproc_per_node=2", "--max-restarts=3", "--rdzv-backend=c10d",
-                   f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=chaos-test",
-                   "--rdzv-conf=last_call_timeout=1"])  # do not wait 30 s for a second node
+    agent = start(
+        [*JOB, "--run-dir", str(run_dir), "--train.num_epochs=20"],
+        [
+            "--nnodes=1:2",
+            "--nproc_per_node=2",
+            "--max-restarts=3",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+            "--rdzv-id=chaos-test",
+            "--rdzv-conf=last_call_timeout=1",
+        ],
+    )  # do not wait 30 s for a second node
     wait_for(lambda: any((run_dir / "checkpoints").glob("step_*/manifest.json")))
     wait_for(lambda: len(train_steps(run_dir)) >= 8)
     os.kill(children(agent.pid)[0], signal.SIGKILL)
@@ -99,8 +123,21 @@ time.sleep(30)
 
 
 def test_the_chaos_harness_ends_with_a_sound_run(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "launch/chaos.py"), "--run-dir", str(tmp_path / "chaos"),
-                             "--kills", "3", "--seed", "1"], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch/chaos.py"),
+            "--run-dir",
+            str(tmp_path / "chaos"),
+            "--kills",
+            "3",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "CHAOS OK" in result.stdout

@@ -5,6 +5,7 @@ command line, and checks three things: the job says what is wrong in one line
 (or recovers and says so), exits with the documented code, and leaves every
 committed checkpoint where it was.
 """
+
 import json
 import os
 import pickle
@@ -18,8 +19,14 @@ from pathlib import Path
 import pytest
 from conftest import launch, read_jsonl
 
-TINY = ["--preset", "tiny", "--train.log_interval=1", "--train.eval_interval=0",
-        "--checkpoint.interval_steps=2", "--checkpoint.keep_last=2"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--train.log_interval=1",
+    "--train.eval_interval=0",
+    "--checkpoint.interval_steps=2",
+    "--checkpoint.keep_last=2",
+]
 ROOT = Path(__file__).parent.parent
 
 
@@ -29,6 +36,7 @@ def cli(*args):
     import io
 
     from dtrain.cli import main
+
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(list(args))
@@ -53,8 +61,16 @@ def files_of(run_dir) -> dict:
 def base_run(tmp_path_factory):
     """A finished one-rank run of 8 steps, checkpoints at 4, 6, 8 (keep_last 3), none tagged best."""
     run_dir = tmp_path_factory.mktemp("base") / "run"
-    result = launch([*TINY, "--run-dir", str(run_dir), "--train.max_steps=8", "--checkpoint.keep_last=3",
-                     "--checkpoint.save_best=false"])
+    result = launch(
+        [
+            *TINY,
+            "--run-dir",
+            str(run_dir),
+            "--train.max_steps=8",
+            "--checkpoint.keep_last=3",
+            "--checkpoint.save_best=false",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert committed(run_dir) == ["step_00000004", "step_00000006", "step_00000008"]
     return run_dir
@@ -81,8 +97,9 @@ def test_resuming_an_older_step_keeps_its_new_commits_and_continues_from_them(ru
 
 
 # ---- 2. a --resume that names something missing stops with one line ----
-@pytest.mark.parametrize("which, words", [("best", "holds no checkpoint tagged best"),
-                                          ("5", "holds no committed checkpoint at step 5")])
+@pytest.mark.parametrize(
+    "which, words", [("best", "holds no checkpoint tagged best"), ("5", "holds no committed checkpoint at step 5")]
+)
 def test_resume_of_a_missing_checkpoint_is_one_line_and_changes_nothing(run_copy, which, words):
     before = files_of(run_copy)
     result = launch(["--run-dir", str(run_copy), "--resume", which])
@@ -114,9 +131,13 @@ def test_a_run_whose_manifests_are_gone_is_refused_until_asked_to_restart(run_co
 # ---- 4. one job per run directory ----
 def test_a_second_job_is_refused_and_a_dead_jobs_lease_is_taken_over(tmp_path):
     run_dir = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "dtrain.train", *TINY, "--run-dir", str(run_dir),
-                              "--train.max_steps=100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = subprocess.Popen(
+        [sys.executable, "-m", "dtrain.train", *TINY, "--run-dir", str(run_dir), "--train.max_steps=100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.monotonic() + 120
         while not committed(run_dir):
@@ -140,9 +161,19 @@ def test_a_second_job_is_refused_and_a_dead_jobs_lease_is_taken_over(tmp_path):
 # ---- 5. non-finite loss: stop, commit nothing non-finite, say where to resume ----
 def test_a_diverging_run_stops_without_committing_non_finite_state(tmp_path):
     run_dir = tmp_path / "run"
-    result = launch([*TINY, "--run-dir", str(run_dir), "--train.max_steps=40", "--train.lr=1e6",
-                     "--train.warmup_fraction=0", "--checkpoint.interval_steps=1", "--checkpoint.keep_last=0",
-                     "--train.grad_clip=0"])
+    result = launch(
+        [
+            *TINY,
+            "--run-dir",
+            str(run_dir),
+            "--train.max_steps=40",
+            "--train.lr=1e6",
+            "--train.warmup_fraction=0",
+            "--checkpoint.interval_steps=1",
+            "--checkpoint.keep_last=0",
+            "--train.grad_clip=0",
+        ]
+    )
     assert result.returncode == 65, result.stdout[-2000:] + result.stderr[-2000:]
     line = one_line(result)
     assert "training diverged" in line and "nothing non-finite was saved" in line
@@ -215,6 +246,7 @@ def test_a_crafted_object_inside_a_shard_is_refused_and_runs_nothing(run_copy, t
     import io
 
     import torch
+
     marker = tmp_path / "pwned"
     directory = run_copy / "checkpoints/step_00000008"
     metadata = pickle.loads((directory / ".metadata").read_bytes())  # the test trusts its own file
@@ -238,6 +270,7 @@ def test_a_crafted_object_inside_a_shard_is_refused_and_runs_nothing(run_copy, t
 def commit_as_is(directory: Path, step: int | None = None, sequence: int | None = None) -> None:
     """Write a manifest that matches the directory's files (as an attacker could)."""
     from dtrain.checkpoint.integrity import BlockChecksum
+
     previous = sorted(directory.parent.glob("step_*/manifest.json"))[-1]
     manifest = json.loads(previous.read_text())
     manifest["files"] = {}
@@ -272,15 +305,29 @@ def test_a_damaged_manifest_is_rejected_and_the_previous_checkpoint_used(run_cop
     assert any(e["event"] == "checkpoint_rejected" and e["directory"] == "step_00000008" for e in events)
     # Quarantined: kept, reported, and not counted by keep_last (which keeps 3 good ones).
     assert (run_copy / "checkpoints/step_00000008/rejected.json").exists()
-    good = [p.parent.name for p in (run_copy / "checkpoints").glob("step_*/manifest.json")
-            if not (p.parent / "rejected.json").exists()]
+    good = [
+        p.parent.name
+        for p in (run_copy / "checkpoints").glob("step_*/manifest.json")
+        if not (p.parent / "rejected.json").exists()
+    ]
     assert sorted(good) == ["step_00000008_1", "step_00000010", "step_00000012"]
     assert "rejected" in cli("inspect", str(run_copy)).stdout
 
 
-@pytest.mark.parametrize("content", ['{"step": 8', "[1, 2, 3]", '{"format": 2}', "\x00\x01", "null",
-                                     '{"format": 1, "step": "8"}',
-                                     "wrong-size", "unlisted-shard", "nan-metrics"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"step": 8',
+        "[1, 2, 3]",
+        '{"format": 2}',
+        "\x00\x01",
+        "null",
+        '{"format": 1, "step": "8"}',
+        "wrong-size",
+        "unlisted-shard",
+        "nan-metrics",
+    ],
+)
 def test_every_shape_of_damaged_manifest_is_named_by_verify_and_inspect(run_copy, content):
     manifest = run_copy / "checkpoints/step_00000008/manifest.json"
     values = json.loads(manifest.read_text())
@@ -299,18 +346,27 @@ def test_every_shape_of_damaged_manifest_is_named_by_verify_and_inspect(run_copy
         words = "damaged"
     manifest.write_text(content)
     checked = cli("verify", str(run_copy))
-    assert checked.returncode == 1 and "step_00000008: " in checked.stdout and words in checked.stdout, \
-        checked.stdout
+    assert checked.returncode == 1 and "step_00000008: " in checked.stdout and words in checked.stdout, checked.stdout
     assert cli("verify", str(run_copy), "6").returncode == 0
 
 
 # ---- 12. the exit code reaches whoever restarts the job ----
 def test_the_local_launch_script_returns_75_on_a_preemption(tmp_path):
     run_dir = tmp_path / "run"
-    script = subprocess.Popen(["bash", str(ROOT / "launch/local.sh"), *TINY, "--train.max_steps=100000"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                              env={**os.environ, "RUN_DIR": str(run_dir), "NPROC": "2", "OMP_NUM_THREADS": "1",
-                                   "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    script = subprocess.Popen(
+        ["bash", str(ROOT / "launch/local.sh"), *TINY, "--train.max_steps=100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={
+            **os.environ,
+            "RUN_DIR": str(run_dir),
+            "NPROC": "2",
+            "OMP_NUM_THREADS": "1",
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        },
+    )
     deadline = time.monotonic() + 120
     while not committed(run_dir):
         assert time.monotonic() < deadline and script.poll() is None
@@ -325,8 +381,10 @@ def test_the_local_launch_script_returns_75_on_a_preemption(tmp_path):
 def test_a_metadata_pickle_reaching_os_through_an_allowed_module_is_refused(run_copy, tmp_path):
     marker = tmp_path / "pwned"
     data = pickle.dumps(Payload(marker), protocol=4)
-    data = data.replace(b"\x8c\x05posix\x94\x8c\x06system",  # the same call, named through DCP's module
-                        b"\x8c%torch.distributed.checkpoint.metadata\x94\x8c\x09os.system")
+    data = data.replace(
+        b"\x8c\x05posix\x94\x8c\x06system",  # the same call, named through DCP's module
+        b"\x8c%torch.distributed.checkpoint.metadata\x94\x8c\x09os.system",
+    )
     (run_copy / "checkpoints/step_00000008/.metadata").write_bytes(data)
     commit_as_is(run_copy / "checkpoints/step_00000008")
     assert cli("inspect", str(run_copy), "--step", "8").returncode != 0
@@ -396,11 +454,18 @@ def test_every_tool_exits_2_on_a_run_that_is_not_there(tool, tmp_path):
     assert not (tmp_path / "nothere").exists()
 
 
-@pytest.mark.parametrize("values", [["--data.box=1e300"], ["--data.min_snr=1e-300"],
-                                    ["--data.weight_concentration=1e308"],
-                                    ["--model.width=100000000", "--model.heads=1"]])
+@pytest.mark.parametrize(
+    "values",
+    [
+        ["--data.box=1e300"],
+        ["--data.min_snr=1e-300"],
+        ["--data.weight_concentration=1e308"],
+        ["--model.width=100000000", "--model.heads=1"],
+    ],
+)
 def test_data_that_cannot_be_finite_and_a_model_that_cannot_fit_are_one_line_before_anything_is_written(
-        values, tmp_path):
+    values, tmp_path
+):
     result = launch([*TINY, "--run-dir", str(tmp_path / "run"), *values])
     assert result.returncode == 2 and values[0].split("=")[0] in one_line(result)
     assert not (tmp_path / "run").exists()

@@ -2,6 +2,7 @@
 
 The survivors of a lost group keep their processes and commit again within seconds; a group that
 comes back heals from a live peer; every sample of every epoch is trained exactly once."""
+
 import http.server
 import io
 import math
@@ -22,10 +23,20 @@ from replica_groups import committed_step, group, kill_node, lighthouse, wait_fo
 pytest.importorskip("torchft")
 from dtrain.replicas import PeerStateTransport  # noqa: E402
 
-ARGS = ["--preset", "tiny", "--train.log_interval=1", "--train.eval_interval=0", "--data.record_indices=true",
-        "--data.train_samples=4800", "--train.global_batch_size=16", "--train.max_steps=0",
-        "--train.num_epochs=1", "--checkpoint.interval_steps=40", "--fault_tolerance.group_size=3",
-        "--fault_tolerance.timeout=3"]
+ARGS = [
+    "--preset",
+    "tiny",
+    "--train.log_interval=1",
+    "--train.eval_interval=0",
+    "--data.record_indices=true",
+    "--data.train_samples=4800",
+    "--train.global_batch_size=16",
+    "--train.max_steps=0",
+    "--train.num_epochs=1",
+    "--checkpoint.interval_steps=40",
+    "--fault_tolerance.group_size=3",
+    "--fault_tolerance.timeout=3",
+]
 
 
 def report(run_dir):
@@ -35,8 +46,11 @@ def report(run_dir):
 
 
 def replica_events(run_dir, replica_id, kind=None):
-    return [e for e in read_jsonl(run_dir / "events.jsonl")
-            if e.get("replica_id") == replica_id and (kind is None or e["event"] == kind)]
+    return [
+        e
+        for e in read_jsonl(run_dir / "events.jsonl")
+        if e.get("replica_id") == replica_id and (kind is None or e["event"] == kind)
+    ]
 
 
 def finish(processes, timeout=240):
@@ -131,8 +145,14 @@ def test_three_groups_lose_a_killed_one_and_a_frozen_one_that_heal_sigterm_to_on
     group stops in one line, nothing torn."""
     run_dir = tmp_path / "run"
     # A woken group's quorum call timed out while it was frozen: it needs a retry.
-    args = [*ARGS, "--run-dir", str(run_dir), "--data.train_samples=9600", "--fault_tolerance.quorum_timeout=3",
-            "--fault_tolerance.quorum_retries=2"]
+    args = [
+        *ARGS,
+        "--run-dir",
+        str(run_dir),
+        "--data.train_samples=9600",
+        "--fault_tolerance.quorum_timeout=3",
+        "--fault_tolerance.quorum_retries=2",
+    ]
     logs = [tmp_path / f"r{i}.log" for i in range(3)]
     with lighthouse() as url:
         groups = [group(url, i, args, logs[i]) for i in range(3)]
@@ -153,10 +173,13 @@ def test_three_groups_lose_a_killed_one_and_a_frozen_one_that_heal_sigterm_to_on
             assert children(groups[0].pid) == workers
             kill_node(groups[2], signal.SIGTERM)  # a spot reclaim of one group: it leaves, without a save
             assert groups[2].wait(timeout=60) == 75
-            left, = replica_events(run_dir, 2, "stop")
+            (left,) = replica_events(run_dir, 2, "stop")
             wait_for(lambda: committed_step(run_dir) >= left["step"] + 3, timeout=60)
-            assert not [e for e in read_jsonl(run_dir / "events.jsonl")  # nobody saved for it
-                        if e["event"] == "checkpoint" and e["step"] % 40]
+            assert not [
+                e
+                for e in read_jsonl(run_dir / "events.jsonl")  # nobody saved for it
+                if e["event"] == "checkpoint" and e["step"] % 40
+            ]
         except BaseException:
             kill_nodes(groups)
             raise
@@ -179,10 +202,10 @@ def test_a_writer_killed_mid_save_and_a_source_killed_mid_heal_lose_nothing(tmp_
     (tmp_path / "ready").mkdir()
     together = {"DTRAIN_TEST_START_TOGETHER": f"2:{tmp_path / 'ready'}"}
     with lighthouse(join_timeout_ms=2000) as url:
-        r0 = group(url, 0, args, tmp_path / "r0.log", script=faults,
-                   env={**together, "DTRAIN_TEST_KILL_IN": "step_00000040"})
-        r1 = group(url, 1, args, tmp_path / "r1.log", script=faults,
-                   env={**together, "DTRAIN_TEST_DIE_SERVING": "80"})
+        r0 = group(
+            url, 0, args, tmp_path / "r0.log", script=faults, env={**together, "DTRAIN_TEST_KILL_IN": "step_00000040"}
+        )
+        r1 = group(url, 1, args, tmp_path / "r1.log", script=faults, env={**together, "DTRAIN_TEST_DIE_SERVING": "80"})
         try:
             assert r0.wait(timeout=120) != 0
             assert not (run_dir / "checkpoints/step_00000040/manifest.json").exists()
@@ -194,7 +217,7 @@ def test_a_writer_killed_mid_save_and_a_source_killed_mid_heal_lose_nothing(tmp_
             finish([r0, r1])
         finally:
             kill_nodes([r0, r1])
-    resumed, = replica_events(run_dir, 0, "resume")
+    (resumed,) = replica_events(run_dir, 0, "resume")
     assert resumed["step"] >= 80 and replica_events(run_dir, 1, "heal")
     ends = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "end"]
     assert len(ends) == 2 and ends[0]["weights_digest"] == ends[1]["weights_digest"]
@@ -242,11 +265,22 @@ def test_the_heal_transport_serves_state_on_the_job_address_and_never_runs_code_
 
 
 def test_replica_options_are_checked_in_one_line(tmp_path):
-    result = launch(["--preset", "tiny", "--run-dir", str(tmp_path / "a"), "--fault_tolerance.enable=true"],
-                    env={"TORCHFT_LIGHTHOUSE": ""})
+    result = launch(
+        ["--preset", "tiny", "--run-dir", str(tmp_path / "a"), "--fault_tolerance.enable=true"],
+        env={"TORCHFT_LIGHTHOUSE": ""},
+    )
     assert result.returncode == 2 and "needs TORCHFT_LIGHTHOUSE=http://HOST:PORT" in result.stderr
-    result = launch(["--preset", "tiny", "--run-dir", str(tmp_path / "a"), "--fault_tolerance.enable=true",
-                     "--fault_tolerance.replica_id=2", "--fault_tolerance.group_size=2"],
-                    env={"TORCHFT_LIGHTHOUSE": "http://127.0.0.1:1"})
+    result = launch(
+        [
+            "--preset",
+            "tiny",
+            "--run-dir",
+            str(tmp_path / "a"),
+            "--fault_tolerance.enable=true",
+            "--fault_tolerance.replica_id=2",
+            "--fault_tolerance.group_size=2",
+        ],
+        env={"TORCHFT_LIGHTHOUSE": "http://127.0.0.1:1"},
+    )
     assert result.returncode == 2 and "replica_id=2 is outside 0..1" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "a").exists()

@@ -1,4 +1,5 @@
 """Exact resumption: same world size bitwise, other world sizes and batch sizes exactly once."""
+
 import shutil
 
 import numpy as np
@@ -6,10 +7,21 @@ import pytest
 import torch
 from conftest import launch, read_jsonl
 
-COMMON = ["--preset", "tiny", "--train.log_interval=1", "--train.eval_interval=0",
-          "--checkpoint.interval_steps=0", "--data.record_indices=true"]
-EPOCH = ["--data.train_samples=96", "--train.global_batch_size=12", "--train.max_steps=0",
-         "--train.num_epochs=1", "--train.warmup_fraction=0"]
+COMMON = [
+    "--preset",
+    "tiny",
+    "--train.log_interval=1",
+    "--train.eval_interval=0",
+    "--checkpoint.interval_steps=0",
+    "--data.record_indices=true",
+]
+EPOCH = [
+    "--data.train_samples=96",
+    "--train.global_batch_size=12",
+    "--train.max_steps=0",
+    "--train.num_epochs=1",
+    "--train.warmup_fraction=0",
+]
 
 
 def ok(result):
@@ -43,19 +55,26 @@ def to_legacy_layout(directory, scratch):
     import json
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+
     dcp_to_torch_save(directory, scratch / "full.pt")
     full = torch.load(scratch / "full.pt", weights_only=False)
     progress = full.pop("progress")
-    full.update(progress={"step": progress["step"], "samples_seen": progress["samples_seen"]},
-                best=progress["best"], plan=progress["plan"])
+    full.update(
+        progress={"step": progress["step"], "samples_seen": progress["samples_seen"]},
+        best=progress["best"],
+        plan=progress["plan"],
+    )
     torch.save({"train": full}, scratch / "legacy.pt")
     for file in directory.iterdir():
         if file.name != "manifest.json":
             file.unlink()
     torch_save_to_dcp(scratch / "legacy.pt", directory)
     manifest = json.loads((directory / "manifest.json").read_text())
-    manifest["files"] = {f.name: {"size": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
-                         for f in directory.iterdir() if f.name != "manifest.json"}
+    manifest["files"] = {
+        f.name: {"size": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+        for f in directory.iterdir()
+        if f.name != "manifest.json"
+    }
     manifest["format"] = 2  # as dtrain wrote manifests then: one SHA-256 per file
     (directory / "manifest.json").write_text(json.dumps(manifest))
 
@@ -77,6 +96,7 @@ def test_same_world_size_resume_is_bitwise_identical(tmp_path):
     events = [e["event"] for e in read_jsonl(split / "events.jsonl")]
     assert events == ["start", "checkpoint", "stop", "resume", "checkpoint", "end"]
     from dtrain.export import load_from_run
+
     a_model, a_optim, *_ = load_from_run(str(whole), optimizer=True)
     b_model, b_optim, *_ = load_from_run(str(split), optimizer=True)
     for key, value in a_model.state_dict().items():
@@ -120,12 +140,14 @@ def test_a_new_global_batch_mid_epoch_sees_every_sample_once(epoch_runs, tmp_pat
     # No LR jump: every step's LR is the same curve of samples seen, whatever the batch.
     from dtrain.config import ExperimentConfig
     from dtrain.schedule import LRSchedule
+
     config = ExperimentConfig.preset("tiny")
     config.train.warmup_fraction = 0
     curve = LRSchedule.from_config(config.train, total_samples=96)
     assert [r["lr"] for r in records] == pytest.approx([curve(r["samples_seen"]) for r in records])
-    scaled_dir, scaled = continue_copy(epoch_runs, tmp_path / "s", ["--train.global_batch_size=24",
-                                                                    "--train.scale_lr=true"], 2)
+    scaled_dir, scaled = continue_copy(
+        epoch_runs, tmp_path / "s", ["--train.global_batch_size=24", "--train.scale_lr=true"], 2
+    )
     assert "scaled by 2" in scaled.stdout
     event = [e for e in read_jsonl(scaled_dir / "events.jsonl") if e["event"] == "lr_scaled"]
     assert event and event[0]["factor"] == 2.0 and event[0]["step"] == 3
@@ -136,8 +158,9 @@ def test_extending_the_plan_keeps_or_replans_the_lr_curve(epoch_runs, tmp_path):
     assert "keeps its old curve" in kept.stdout
     lrs = [r["lr"] for r in train_records(kept_dir)]
     assert len(lrs) == 16 and lrs[7] == lrs[15]  # the old curve ended at step 8: flat after it
-    replanned_dir, replanned = continue_copy(epoch_runs, tmp_path / "r",
-                                             ["--train.num_epochs=2", "--train.reconfigure_scheduler=true"], 2)
+    replanned_dir, replanned = continue_copy(
+        epoch_runs, tmp_path / "r", ["--train.num_epochs=2", "--train.reconfigure_scheduler=true"], 2
+    )
     assert "re-planned" in replanned.stdout
     lrs = [r["lr"] for r in train_records(replanned_dir)]
     assert len(lrs) == 16
@@ -151,8 +174,12 @@ def test_extending_the_plan_keeps_or_replans_the_lr_curve(epoch_runs, tmp_path):
 
 @pytest.mark.parametrize("now", [False, True])
 def test_a_new_epoch_length_applies_from_the_next_epoch_or_now(epoch_runs, tmp_path, now):
-    run_dir, result = continue_copy(epoch_runs, tmp_path, ["--data.train_samples=60", "--train.num_epochs=2",
-                                                           f"--data.resize_now={str(now).lower()}"], 2)
+    run_dir, result = continue_copy(
+        epoch_runs,
+        tmp_path,
+        ["--data.train_samples=60", "--train.num_epochs=2", f"--data.resize_now={str(now).lower()}"],
+        2,
+    )
     if now:
         assert "60 now" in result.stdout
         rows = [r for r in consumed(run_dir) if r[0] == 0]
@@ -169,8 +196,11 @@ def test_a_new_data_order_is_refused_unless_asked(epoch_runs, tmp_path):
     refused = launch(["--run-dir", str(run_dir), "--data.seed=5"], nproc=2)
     assert refused.returncode != 0
     assert "--data.allow_new_order=true" in refused.stderr
-    accepted = ok(launch(["--run-dir", str(run_dir), "--data.seed=5", "--data.allow_new_order=true",
-                          "--train.num_epochs=2"], nproc=2))
+    accepted = ok(
+        launch(
+            ["--run-dir", str(run_dir), "--data.seed=5", "--data.allow_new_order=true", "--train.num_epochs=2"], nproc=2
+        )
+    )
     assert "new data order" in accepted.stdout
     assert_exactly_once(run_dir, epoch=1, length=96)  # the new order's whole epoch
 

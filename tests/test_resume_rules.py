@@ -1,4 +1,5 @@
 """Every row of the README's resume table, as plain functions (no process group, no torchrun)."""
+
 import math
 
 import pytest
@@ -19,8 +20,14 @@ def stored_run(samples_in_epoch=36, epoch=0):
     sampler.epoch, sampler.samples_in_epoch = epoch, samples_in_epoch
     seen = epoch * 96 + samples_in_epoch
     schedule = LRSchedule.from_config(config.train, 96)
-    position = Position(step=seen // 12, samples_seen=seen, sampler=sampler, schedule=schedule,
-                        best={"val_mse": 1.0, "step": 2}, plan=plan_record(config))
+    position = Position(
+        step=seen // 12,
+        samples_seen=seen,
+        sampler=sampler,
+        schedule=schedule,
+        best={"val_mse": 1.0, "step": 2},
+        plan=plan_record(config),
+    )
     return config, position
 
 
@@ -97,8 +104,10 @@ def test_a_new_validation_set_is_announced_and_best_restarts(key, value):
     assert position.best == {"val_mse": math.inf, "step": -1} and saved.best["val_mse"] == 1.0
 
 
-@pytest.mark.parametrize("key, value", [("model.width", 64), ("model.layers", 3), ("model.heads", 4),
-                                        ("model.mlp_ratio", 2), ("data.dim", 3)])
+@pytest.mark.parametrize(
+    "key, value",
+    [("model.width", 64), ("model.layers", 3), ("model.heads", 4), ("model.mlp_ratio", 2), ("data.dim", 3)],
+)
 def test_a_new_model_shape_is_refused(key, value):
     stored, config, *_ = resumed({})
     config.set(key, value)
@@ -122,6 +131,7 @@ def test_a_resume_trains_on_the_runs_own_device_unless_told_otherwise(tmp_path):
     from dtrain.config import Settings
     from dtrain.rundir import CONFIG, RunDirectory
     from dtrain.train import start_device
+
     stored = ExperimentConfig.preset("tiny")
     stored.train.device = "cpu"
     RunDirectory(str(tmp_path / "run")).write_text(CONFIG, stored.to_json())

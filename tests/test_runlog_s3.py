@@ -1,4 +1,5 @@
 """Run logs on object storage: every line written once, in parts; readable after a SIGKILL."""
+
 import json
 import os
 import signal
@@ -10,22 +11,42 @@ from conftest import launch
 from s3server import S3_REQUESTS
 
 RUN = "s3://dtrain-test/runlog"
-ARGS = ["--preset", "tiny", "--train.max_steps=1000", "--data.train_samples=1600", "--train.log_interval=1",
-        "--train.eval_interval=500", "--checkpoint.interval_steps=200", "--data.record_indices=true", "--run-dir", RUN]
+ARGS = [
+    "--preset",
+    "tiny",
+    "--train.max_steps=1000",
+    "--data.train_samples=1600",
+    "--train.log_interval=1",
+    "--train.eval_interval=500",
+    "--checkpoint.interval_steps=200",
+    "--data.record_indices=true",
+    "--run-dir",
+    RUN,
+]
 
 
 def cli(*args, env):
-    return subprocess.run([sys.executable, "-m", "dtrain.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dtrain.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
 
 
 def test_a_thousand_logged_steps_on_s3_cost_each_line_once_and_survive_a_sigkill(tmp_path, s3_env):
     from dtrain.rundir import EVENTS, METRICS, RunDirectory
+
     run = RunDirectory(RUN)
     S3_REQUESTS.clear()
-    first = subprocess.Popen([sys.executable, "-m", "dtrain.train", *ARGS], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1", **s3_env},
-                             start_new_session=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "dtrain.train", *ARGS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **s3_env},
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while not any(e.get("event") == "checkpoint" and e["step"] == 200 for e in run.read_jsonl(EVENTS)):
         assert first.poll() is None and time.monotonic() < deadline, first.stdout.read().decode()[-3000:]
@@ -59,4 +80,5 @@ def test_a_thousand_logged_steps_on_s3_cost_each_line_once_and_survive_a_sigkill
     plot = cli("plot", RUN, "--out", str(tmp_path / "curves.png"), env=s3_env)
     assert plot.returncode == 0 and (tmp_path / "curves.png").stat().st_size > 10_000, plot.stderr
     from dtrain import ExperimentManager
+
     assert ExperimentManager.load(RUN).config.train.max_steps == 1000

@@ -87,6 +87,6 @@ def test_a_resize_now_ends_the_epoch_where_it_stands():
 
 def test_batch_size_changes_keep_the_same_sequence():
     a, b = ElasticSampler(50, seed=2), ElasticSampler(50, seed=2)
-    one = np.concatenate([a.take(6) .indices for _ in range(10)])
+    one = np.concatenate([a.take(6).indices for _ in range(10)])
     other = np.concatenate([b.take(n).indices for n in (6, 6, 20, 8, 20)])
     assert np.array_equal(one, other)

@@ -6,6 +6,7 @@ preemption-style SIGTERM to the step (``scancel --signal=TERM``), a requeue onto
 more CPUs, and the end. Every stop saves with 0 steps lost; every requeue resumes from that
 save on its own number of ranks; every sample of every epoch is seen exactly once.
 """
+
 import json
 import subprocess
 import sys
@@ -42,11 +43,24 @@ def test_a_job_out_of_time_shrunk_and_preempted_finishes_with_every_sample_once(
     with Cluster(tmp_path / "slurm", cpus=2) as cluster:
         cluster.env.update(RUN_DIR=str(run_dir), OMP_NUM_THREADS="1")
         submitted = cluster.run(
-            "sbatch", "--cpus-per-task=2", "--time=10", "--signal=B:USR1@90", "--chdir", str(REPO),
-            "--output", str(cluster.dir / "job.out"), str(REPO / "launch/slurm.sbatch"),
-            "--preset", "tiny", f"--train.max_steps={STEPS}", "--data.train_samples=800",
-            "--train.eval_interval=0", "--train.log_interval=10", "--checkpoint.interval_steps=0",
-            "--data.record_indices=true")
+            "sbatch",
+            "--cpus-per-task=2",
+            "--time=10",
+            "--signal=B:USR1@90",
+            "--chdir",
+            str(REPO),
+            "--output",
+            str(cluster.dir / "job.out"),
+            str(REPO / "launch/slurm.sbatch"),
+            "--preset",
+            "tiny",
+            f"--train.max_steps={STEPS}",
+            "--data.train_samples=800",
+            "--train.eval_interval=0",
+            "--train.log_interval=10",
+            "--checkpoint.interval_steps=0",
+            "--data.record_indices=true",
+        )
         job = submitted.stdout.split()[-1]
         state = lambda: cluster.job(job)  # noqa: E731
 
@@ -61,8 +75,10 @@ def test_a_job_out_of_time_shrunk_and_preempted_finishes_with_every_sample_once(
         def requeued(count):
             def check():
                 s = state()
-                return s if s["JobState"] == "PENDING" and s.get("Restarts", s.get("RestartCnt")) == str(count) \
-                    else None
+                return (
+                    s if s["JobState"] == "PENDING" and s.get("Restarts", s.get("RestartCnt")) == str(count) else None
+                )
+
             return check
 
         # Leg 1, 2 ranks: once it trains, its time limit becomes 2 minutes, so the notice (90 s
@@ -79,16 +95,26 @@ def test_a_job_out_of_time_shrunk_and_preempted_finishes_with_every_sample_once(
         wait_for("the second requeue", requeued(2), 90, cluster)
         cluster.run("scontrol", "update", f"JobId={job}", *cpus(2))
         # Leg 3, 2 ranks: runs to the end.
-        final = wait_for("the job to end", lambda: state() if state()["JobState"] in (
-            "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None, 300, cluster)
+        final = wait_for(
+            "the job to end",
+            lambda: state() if state()["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None,
+            300,
+            cluster,
+        )
         output = (cluster.dir / "job.out").read_text()
 
     assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", output[-3000:]
     assert "SIGTERM (preemption)" not in output  # the step's SIGTERM never reached the batch shell
     assert output.count("checkpoint committed (exit 75); requeueing") == 2
     assert output.index("time-limit notice") < output.index("start 1:")  # leg 1 ended on the notice
-    report = json.loads(subprocess.run([sys.executable, "-m", "dtrain.cli", "report", str(run_dir), "--json"],
-                                       capture_output=True, text=True, check=True).stdout)
+    report = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "dtrain.cli", "report", str(run_dir), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     legs = report["legs"]
     assert [leg["world_size"] for leg in legs] == [2, 1, 2], legs
     assert [leg["ended"] for leg in legs[:2]] == ["stopped (SIGTERM)"] * 2
@@ -109,11 +135,25 @@ def test_replica_groups_under_slurm_heal_a_crashed_group_in_place(tmp_path):
     with Cluster(tmp_path / "slurm", cpus=2) as cluster:
         cluster.env.update(RUN_DIR=str(run_dir), OMP_NUM_THREADS="1", RUST_LOG="warn")
         submitted = cluster.run(
-            "sbatch", "--ntasks=2", "--cpus-per-task=1", "--chdir", str(REPO),
-            "--output", str(cluster.dir / "job.out"), str(REPO / "launch/slurm-replicas.sbatch"),
-            "--preset", "tiny", "--data.train_samples=4800", "--train.global_batch_size=16",
-            "--train.max_steps=0", "--train.num_epochs=1", "--train.eval_interval=0", "--train.log_interval=1",
-            "--data.record_indices=true", "--fault_tolerance.timeout=3")
+            "sbatch",
+            "--ntasks=2",
+            "--cpus-per-task=1",
+            "--chdir",
+            str(REPO),
+            "--output",
+            str(cluster.dir / "job.out"),
+            str(REPO / "launch/slurm-replicas.sbatch"),
+            "--preset",
+            "tiny",
+            "--data.train_samples=4800",
+            "--train.global_batch_size=16",
+            "--train.max_steps=0",
+            "--train.num_epochs=1",
+            "--train.eval_interval=0",
+            "--train.log_interval=1",
+            "--data.record_indices=true",
+            "--fault_tolerance.timeout=3",
+        )
         job = submitted.stdout.split()[-1]
 
         def step():
@@ -126,8 +166,16 @@ def test_replica_groups_under_slurm_heal_a_crashed_group_in_place(tmp_path):
         wait_for("both groups to train", lambda: joined(1) and step() >= 20, 120, cluster)
         killed_at = time.time()
         subprocess.run(["pkill", "-KILL", "-f", "fault_tolerance.replica_id=1"], check=True)
-        final = wait_for("the job to end", lambda: cluster.job(job) if cluster.job(job)["JobState"] in (
-            "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None, 240, cluster)
+        final = wait_for(
+            "the job to end",
+            lambda: (
+                cluster.job(job)
+                if cluster.job(job)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+                else None
+            ),
+            240,
+            cluster,
+        )
         output = (cluster.dir / "job.out").read_text()
     assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", output[-3000:]
     assert "dtrain: replica group 1 exited" in output and "starting it again to heal" in output
@@ -135,6 +183,7 @@ def test_replica_groups_under_slurm_heal_a_crashed_group_in_place(tmp_path):
     # Replica 1 heals after its crash (either group may also heal at its start, if it came up late).
     assert {e["replica_id"] for e in events if e["event"] == "heal" and e["time"] > killed_at} == {1}
     assert sorted(e["replica_id"] for e in events if e["event"] == "end") == [0, 1]
-    result = subprocess.run([sys.executable, "-m", "dtrain.cli", "report", str(run_dir)], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "dtrain.cli", "report", str(run_dir)], capture_output=True, text=True
+    )
     assert "0 repeated, 0 missing: exactly once" in result.stdout and result.stdout.endswith("OK\n"), result.stdout

@@ -1,6 +1,7 @@
 """Storage that fails: full, read-only, not a directory, stalled, refused, unreachable, wrong
 bucket, wrong credentials. Each ends the job with one line naming the URL and the cause, a
 non-zero exit, in bounded time, and every committed checkpoint as it was."""
+
 import os
 import subprocess
 import sys
@@ -11,8 +12,7 @@ import pytest
 from conftest import launch
 from faultproxy import FaultProxy
 
-TINY = ["--preset", "tiny", "--train.log_interval=1", "--train.eval_interval=0",
-        "--checkpoint.interval_steps=2"]
+TINY = ["--preset", "tiny", "--train.log_interval=1", "--train.eval_interval=0", "--checkpoint.interval_steps=2"]
 EXIT_STORAGE = 74
 
 
@@ -27,8 +27,9 @@ def small_disk(tmp_path):
     """A 1.4 MB file system of its own (tmpfs): room for two tiny checkpoints, not three."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if made.returncode:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.strip()}")
     yield mount
@@ -41,8 +42,9 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_committed_checkpoints(sma
     assert result.returncode == EXIT_STORAGE
     line = one_line(result)
     assert str(run_dir) in line and "no space left on device" in line
-    verify = subprocess.run([sys.executable, "-m", "dtrain.cli", "verify", str(run_dir)], capture_output=True,
-                            text=True)
+    verify = subprocess.run(
+        [sys.executable, "-m", "dtrain.cli", "verify", str(run_dir)], capture_output=True, text=True
+    )
     assert verify.returncode == 0 and verify.stdout.count(": ok") >= 2, verify.stdout
 
 
@@ -60,8 +62,7 @@ def test_a_read_only_run_directory_stops_with_one_line_and_changes_nothing(small
 @pytest.mark.parametrize("form", ["file", "below a file", "empty", "root"])
 def test_run_directories_that_cannot_be_one_are_refused(tmp_path, form):
     (tmp_path / "f").write_text("x")
-    run_dir = {"file": str(tmp_path / "f"), "below a file": str(tmp_path / "f/run"), "empty": "",
-               "root": "/"}[form]
+    run_dir = {"file": str(tmp_path / "f"), "below a file": str(tmp_path / "f/run"), "empty": "", "root": "/"}[form]
     result = launch([*TINY, "--run-dir", run_dir])
     assert result.returncode in (2, EXIT_STORAGE)
     assert "--run-dir" in one_line(result) or "not a directory" in one_line(result)
@@ -74,8 +75,12 @@ def test_every_spelling_of_a_local_run_directory_names_the_same_one(tmp_path, mo
     assert first.returncode == 0, first.stderr[-3000:]
     again = launch(["--run-dir", f"file://{tmp_path}/runs/a", "--train.max_steps=4"])
     assert again.returncode == 0 and "resuming from step_00000002" in again.stdout, again.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "runs/a").iterdir()) == \
-        ["checkpoints", "config.json", "events.jsonl", "metrics.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "runs/a").iterdir()) == [
+        "checkpoints",
+        "config.json",
+        "events.jsonl",
+        "metrics.jsonl",
+    ]
 
 
 # ---- object storage ---------------------------------------------------------------------------
@@ -91,8 +96,15 @@ def s3_launch(args, proxy, env_extra=None):
     """The job with the endpoint given only by --checkpoint.endpoint_url (the proxy)."""
     env = {k: v for k, v in os.environ.items() if k not in ("AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL")}
     env.update({"OMP_NUM_THREADS": "1", "AWS_EC2_METADATA_DISABLED": "true", **(env_extra or {})})
-    command = [sys.executable, "-m", "dtrain.train", *args, f"--checkpoint.endpoint_url={proxy.url}",
-               "--checkpoint.storage_timeout=1", "--checkpoint.storage_retries=2"]
+    command = [
+        sys.executable,
+        "-m",
+        "dtrain.train",
+        *args,
+        f"--checkpoint.endpoint_url={proxy.url}",
+        "--checkpoint.storage_timeout=1",
+        "--checkpoint.storage_retries=2",
+    ]
     started = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     return result, time.monotonic() - started
@@ -100,6 +112,7 @@ def s3_launch(args, proxy, env_extra=None):
 
 def test_the_explicit_endpoint_serves_every_file_and_a_stall_ends_in_bounded_time(proxy, s3_env):
     import s3fs
+
     url = "s3://dtrain-test/stall"
     first, _ = s3_launch([*TINY, "--run-dir", url, "--train.max_steps=4"], proxy)
     assert first.returncode == 0, first.stderr[-3000:]  # config, events, metrics, checkpoints: all via the flag
@@ -118,11 +131,14 @@ def test_the_explicit_endpoint_serves_every_file_and_a_stall_ends_in_bounded_tim
     assert {p: fs.cat(p) for p in fs.find(f"{url}/checkpoints")} == before
 
 
-@pytest.mark.parametrize("fault, words", [
-    ("refuse", "connect"),
-    ("closed port", "cannot connect to the storage endpoint"),
-    ("no bucket", "bucket does not exist"),
-])
+@pytest.mark.parametrize(
+    "fault, words",
+    [
+        ("refuse", "connect"),
+        ("closed port", "cannot connect to the storage endpoint"),
+        ("no bucket", "bucket does not exist"),
+    ],
+)
 def test_unreachable_or_wrong_storage_is_one_line(proxy, fault, words):
     url = "s3://no-such-bucket-here/run" if fault == "no bucket" else "s3://dtrain-test/unreachable"
     proxy.mode = "refuse" if fault == "refuse" else "pass"
@@ -141,9 +157,13 @@ def test_malformed_endpoint_is_refused_before_anything_is_written(tmp_path):
 
 def test_credentials_the_server_refuses_are_one_line(tmp_path):
     """A second S3 server that checks credentials (moto with authentication on)."""
-    server = subprocess.Popen([sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1",
-                               "-p", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    server = subprocess.Popen(
+        [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1", "-p", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+    )
     try:
         port = None
         deadline = time.monotonic() + 60
@@ -152,11 +172,27 @@ def test_credentials_the_server_refuses_are_one_line(tmp_path):
             if "Running on http://127.0.0.1:" in line:
                 port = int(line.rsplit(":", 1)[1].split()[0].strip("/"))
         assert port, "moto did not start"
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": "nobody", "AWS_SECRET_ACCESS_KEY": "wrong",
-               "AWS_EC2_METADATA_DISABLED": "true"}
-        result = subprocess.run([sys.executable, "-m", "dtrain.train", *TINY, "--run-dir", "s3://any/run",
-                                 f"--checkpoint.endpoint_url=http://127.0.0.1:{port}"],
-                                capture_output=True, text=True, timeout=120, env=env)
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": "nobody",
+            "AWS_SECRET_ACCESS_KEY": "wrong",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dtrain.train",
+                *TINY,
+                "--run-dir",
+                "s3://any/run",
+                f"--checkpoint.endpoint_url=http://127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
         assert result.returncode == EXIT_STORAGE
         line = one_line(result)
         assert "s3://any/run" in line and ("refused access" in line or "refused the credentials" in line)

@@ -1,4 +1,5 @@
 """The step watchdog (dtrain/watchdog.py): it ends a process whose steps stopped, and only then."""
+
 import subprocess
 import sys
 

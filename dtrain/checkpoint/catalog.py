@@ -19,6 +19,7 @@ Every ``step_*`` entry is in exactly one state:
 
 Retention and cleanup delete only files dtrain or DCP write, by name.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,10 @@ from .manifest import (
 from .storage import Storage, guard, is_remote, write_whole
 
 # What DCP and dtrain write into a checkpoint directory; anything else is not ours.
-_OURS = re.compile(r"^(__\d+_\d+\.distcp|__\d+\.metadata|\.metadata(\.tmp)?|"
-                   r"(manifest|rejected)\.json(\.tmp\.\d+)?)$")
+_OURS = re.compile(
+    r"^(__\d+_\d+\.distcp|__\d+\.metadata|\.metadata(\.tmp)?|"
+    r"(manifest|rejected)\.json(\.tmp\.\d+)?)$"
+)
 
 
 @dataclass
@@ -66,8 +69,10 @@ class Listing:
 
     @property
     def names(self) -> list[str]:
-        return sorted([m.directory for m in self.committed] + list(self.damaged) + list(self.rejected)
-                      + list(self.torn), key=lambda name: parse_step_directory(name))
+        return sorted(
+            [m.directory for m in self.committed] + list(self.damaged) + list(self.rejected) + list(self.torn),
+            key=lambda name: parse_step_directory(name),
+        )
 
     def removable(self, name: str) -> bool:
         """A torn save that provably never committed: nothing can have loaded it."""
@@ -115,8 +120,14 @@ def _fsync(path: str) -> None:
 
 
 class CheckpointCatalog:
-    def __init__(self, url: str, storage: Storage | None = None, keep_last: int = 3, keep_every: int = 0,
-                 commit_log: Callable[[], set[str] | None] | None = None):
+    def __init__(
+        self,
+        url: str,
+        storage: Storage | None = None,
+        keep_last: int = 3,
+        keep_every: int = 0,
+        commit_log: Callable[[], set[str] | None] | None = None,
+    ):
         self.url = url.rstrip("/")
         self.storage = storage or Storage()
         self.keep_last, self.keep_every = keep_last, keep_every
@@ -138,7 +149,7 @@ class CheckpointCatalog:
             # One listing of the whole tree (one paged LIST on object stores), grouped by directory.
             entries: dict[str, dict] = {}
             for path, info in self.fs.find(self.root, maxdepth=2, withdirs=True, detail=True).items():
-                parts = path[len(self.root):].strip("/").split("/")
+                parts = path[len(self.root) :].strip("/").split("/")
                 if parse_step_directory(parts[0]) is None:
                     continue
                 entry = entries.setdefault(parts[0], {"files": set(), "other": []})
@@ -204,8 +215,9 @@ class CheckpointCatalog:
             if not problems:
                 return manifest
             report(f"dtrain: skipping {manifest.directory}: {'; '.join(problems)}")
-        raise CheckpointError(f"no sound committed checkpoint for {which!r} in {self.url}; "
-                              "see `dtrain inspect` for what is there")
+        raise CheckpointError(
+            f"no sound committed checkpoint for {which!r} in {self.url}; see `dtrain inspect` for what is there"
+        )
 
     def copy_tagged(self, which: str, tag: str) -> str:
         """Commit a copy of checkpoint ``which`` tagged ``tag``, which retention keeps; returns its name.
@@ -232,9 +244,16 @@ class CheckpointCatalog:
             if local:
                 _fsync(target)
             self.fs.invalidate_cache()
-            copy = dataclasses.replace(source, tags=[tag], created=time.time(), sequence=self.next_sequence(),
-                                       parent=source.directory, copy_of=source.directory, directory=name,
-                                       save={"mode": "copy"})
+            copy = dataclasses.replace(
+                source,
+                tags=[tag],
+                created=time.time(),
+                sequence=self.next_sequence(),
+                parent=source.directory,
+                copy_of=source.directory,
+                directory=name,
+                save={"mode": "copy"},
+            )
             if problems := find_problems(self.fs, target, copy, checksums=False):
                 raise CheckpointError(f"copying {source.directory} to {name} failed: {'; '.join(problems)}")
         self.write_manifest(name, copy.to_json())
@@ -283,7 +302,7 @@ class CheckpointCatalog:
         if not committed:
             return []
         keep = {committed[-1].directory}
-        keep |= {m.directory for m in (trained[-self.keep_last:] if self.keep_last else committed)}
+        keep |= {m.directory for m in (trained[-self.keep_last :] if self.keep_last else committed)}
         best = [m for m in committed if "best" in m.tags]
         if best:
             keep.add(best[-1].directory)
@@ -311,4 +330,3 @@ class CheckpointCatalog:
                     os.rmdir(directory)
                 except OSError:
                     pass
-

@@ -20,6 +20,7 @@ the result. dtrain adds three things (docs/design.md, "Checkpoint I/O"):
   only DCP's metadata types, and small non-tensor values are read with
   ``torch.load(weights_only=True)`` (docs/design.md, "Trust boundary").
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -192,8 +193,13 @@ class _ChecksummedWrites:
                 continue
             name, start, length = storages[0]
             size = math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
-            if name.endswith("/data/0") and length == size > 0 and start + size <= stored.offset + stored.length \
-                    and (start - stored.offset) % _ALIGNMENT == 0 and sys.byteorder == "little":
+            if (
+                name.endswith("/data/0")
+                and length == size > 0
+                and start + size <= stored.offset + stored.length
+                and (start - stored.offset) % _ALIGNMENT == 0
+                and sys.byteorder == "little"
+            ):
                 found.setdefault(stored.relative_path, []).append([stored.offset, start])
         for name, offsets in found.items():
             self.fs.entries[name]["tensors"] = sorted(offsets)
@@ -221,13 +227,27 @@ class UnsafeCheckpointError(ValueError):
 
 
 _METADATA_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
-        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-    ("pathlib", "PureWindowsPath")}
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -241,12 +261,12 @@ class _MetadataUnpickler(pickle.Unpickler):
             value = getattr(torch, name, None) if module == "torch" else None
             if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
                 return value
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata "
-                                     "(it could run code)")
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata (it could run code)")
 
 
 def load_metadata(stream):
     from torch.distributed.checkpoint.metadata import Metadata
+
     metadata = _MetadataUnpickler(stream).load()
     if not isinstance(metadata, Metadata):
         raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP's Metadata")
@@ -281,6 +301,7 @@ class _CheckedReads:
         is kept, so a caller can read (and vet) the metadata before ``dcp.load`` without a
         second read: DCP logs a failed metadata read with a traceback on the root logger."""
         from torch.distributed.checkpoint.metadata import StorageMeta
+
         if self._metadata is None or kwargs.get("rank") is not None:
             path = self._get_metadata_path(kwargs.get("rank"))
             with self.fs.create_stream(path, "rb") as stream:
@@ -291,8 +312,15 @@ class _CheckedReads:
                     raise CorruptCheckpointError(f"{METADATA}: {len(data)} bytes, manifest says {blocks.size}")
             try:
                 metadata = load_metadata(io.BytesIO(data))
-            except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
-                    TypeError, ValueError) as error:
+            except (
+                pickle.UnpicklingError,
+                EOFError,
+                AttributeError,
+                ImportError,
+                IndexError,
+                TypeError,
+                ValueError,
+            ) as error:
                 raise UnsafeCheckpointError(f".metadata: {error}") from None
             if kwargs.get("rank") is not None:
                 return metadata
@@ -336,10 +364,17 @@ class _CheckedReads:
         blocks = self._blocks(stored.relative_path)
         # The writer cut blocks around exactly these bytes, at an aligned offset of the archive:
         # an offset that does not fit is a damaged manifest, not a place to read values from.
-        if end > stored.offset + stored.length or (data_start - stored.offset) % _ALIGNMENT or \
-                not blocks or not blocks.is_boundary(data_start) or not blocks.is_boundary(end):
-            raise CorruptCheckpointError(f"{stored.relative_path}: the manifest's offset of "
-                                         f"{request.storage_index.fqn}'s bytes does not fit its item")
+        if (
+            end > stored.offset + stored.length
+            or (data_start - stored.offset) % _ALIGNMENT
+            or not blocks
+            or not blocks.is_boundary(data_start)
+            or not blocks.is_boundary(end)
+        ):
+            raise CorruptCheckpointError(
+                f"{stored.relative_path}: the manifest's offset of "
+                f"{request.storage_index.fqn}'s bytes does not fit its item"
+            )
         if count * row == 0:
             return None
         shape = (count, *sizes[1:]) if sizes else ()
@@ -371,8 +406,12 @@ class _CheckedReads:
             blocks = self._blocks(file)
             start, end = blocks.covering(offset, offset + length) if blocks else (offset, offset + length)
             last = spans[-1] if spans else None
-            if last is None or last.file != file or start > last.end + GAP_BYTES or \
-                    (max(end, last.end) - last.start > SPAN_BYTES and last.items):
+            if (
+                last is None
+                or last.file != file
+                or start > last.end + GAP_BYTES
+                or (max(end, last.end) - last.start > SPAN_BYTES and last.items)
+            ):
                 last = _Span(file, start, end)
                 spans.append(last)
             last.end = max(last.end, end)
@@ -445,8 +484,9 @@ def _deliver(data: memoryview, requests: list[tuple[ReadItem, _Rows | None]], pl
         part = narrow_tensor_by_index(stored, offsets, lengths)
         target = planner.resolve_tensor(request).detach()
         if target.size() != part.size():
-            raise CorruptCheckpointError(f"{request.storage_index.fqn}: stored {tuple(part.size())}, "
-                                         f"expected {tuple(target.size())}")
+            raise CorruptCheckpointError(
+                f"{request.storage_index.fqn}: stored {tuple(part.size())}, expected {tuple(target.size())}"
+            )
         target.copy_(part)
         planner.commit_tensor(request, target)
 

@@ -17,6 +17,7 @@ so a resharded load can read just the rows it needs. The tensor bytes are cut in
 blocks of about 1/16 of a tensor (16 KiB to 4 MiB), so such a read checks little
 more than it uses.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -80,17 +81,28 @@ def is_valid_entry(entry) -> bool:
         return False
     if "crc32c" in entry:
         blocks = entry["crc32c"]
-        return isinstance(blocks, list) and all(
-            isinstance(b, list) and len(b) == 2 and isinstance(b[0], int) and b[0] > 0
-            and isinstance(b[1], str) and len(b[1]) == 8 and _is_hex(b[1]) for b in blocks) \
+        return (
+            isinstance(blocks, list)
+            and all(
+                isinstance(b, list)
+                and len(b) == 2
+                and isinstance(b[0], int)
+                and b[0] > 0
+                and isinstance(b[1], str)
+                and len(b[1]) == 8
+                and _is_hex(b[1])
+                for b in blocks
+            )
             and sum(b[0] for b in blocks) == entry["size"]
+        )
     return isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64 and _is_hex(entry["sha256"])
 
 
 def _are_offsets(pairs, size: int) -> bool:
     return isinstance(pairs, list) and all(
         isinstance(p, list) and len(p) == 2 and all(type(v) is int for v in p) and 0 <= p[0] < p[1] <= size
-        for p in pairs)
+        for p in pairs
+    )
 
 
 def _is_hex(text: str) -> bool:
@@ -124,8 +136,7 @@ class Blocks:
         """Raise ``CorruptCheckpointError`` unless ``data``, read from block boundary ``start``, matches."""
         view = memoryview(data).cast("B")
         if start + len(view) > self.size or (len(view) == 0 and start != self.size):
-            raise CorruptCheckpointError(f"{self.name}: read {len(view)} bytes at {start}, past its "
-                                         f"{self.size} bytes")
+            raise CorruptCheckpointError(f"{self.name}: read {len(view)} bytes at {start}, past its {self.size} bytes")
         index = bisect.bisect_left(self.starts, start)
         if self.starts[index] != start:
             raise ValueError(f"{self.name}: {start} is not a block boundary")
@@ -133,11 +144,14 @@ class Blocks:
         while position < start + len(view):
             end = self.starts[index + 1]
             if end > start + len(view):
-                raise CorruptCheckpointError(f"{self.name}: ends at byte {start + len(view)}, inside a block "
-                                             f"the manifest says ends at {end} (truncated)")
+                raise CorruptCheckpointError(
+                    f"{self.name}: ends at byte {start + len(view)}, inside a block "
+                    f"the manifest says ends at {end} (truncated)"
+                )
             if f"{crc32c.crc32c(view[position - start : end - start]):08x}" != self.crcs[index]:
-                raise CorruptCheckpointError(f"{self.name}: CRC32C of bytes {position}-{end} differs from "
-                                             "the manifest (contents altered)")
+                raise CorruptCheckpointError(
+                    f"{self.name}: CRC32C of bytes {position}-{end} differs from the manifest (contents altered)"
+                )
             position, index = end, index + 1
 
 
@@ -151,12 +165,17 @@ def check_file(fs, path: str, entry: dict, name: str) -> str | None:
                 if len(data) < length:
                     return f"{name}: ends at byte {position + len(data)}, manifest says {entry['size']} (truncated)"
                 if f"{crc32c.crc32c(data):08x}" != crc:
-                    return f"{name}: CRC32C of bytes {position}-{position + length} differs from the manifest " \
-                           "(contents altered)"
+                    return (
+                        f"{name}: CRC32C of bytes {position}-{position + length} differs from the manifest "
+                        "(contents altered)"
+                    )
                 position += length
             return f"{name}: longer than the manifest's {entry['size']} bytes" if f.read(1) else None
         digest = hashlib.sha256()
         while data := f.read(_READ):
             digest.update(data)
-    return None if digest.hexdigest() == entry["sha256"] else \
-        f"{name}: SHA-256 differs from the manifest (contents altered)"
+    return (
+        None
+        if digest.hexdigest() == entry["sha256"]
+        else f"{name}: SHA-256 differs from the manifest (contents altered)"
+    )

@@ -13,6 +13,7 @@ Every rank reaches the same verdict at the same point: rank-0-only steps and
 per-rank checks are agreed (``dist.on_main``, ``dist.on_every_rank``), so a
 storage failure stops all ranks with one line instead of hanging them.
 """
+
 from __future__ import annotations
 
 import time
@@ -53,8 +54,15 @@ class PendingSave:
 
 
 class CheckpointManager:
-    def __init__(self, catalog: CheckpointCatalog, ctx: DistContext, config: CheckpointConfig | None = None,
-                 events=None, lease=None, watchdog: StepWatchdog | None = None):
+    def __init__(
+        self,
+        catalog: CheckpointCatalog,
+        ctx: DistContext,
+        config: CheckpointConfig | None = None,
+        events=None,
+        lease=None,
+        watchdog: StepWatchdog | None = None,
+    ):
         self.catalog = catalog
         self.url, self.fs, self.root, self.storage = catalog.url, catalog.fs, catalog.root, catalog.storage
         self.ctx = ctx
@@ -76,9 +84,15 @@ class CheckpointManager:
         # step's forward and backward run, and keeps its buffers (pinned on CUDA) for the next
         # save. Only the optimizer's update must wait for the copy (``wait_for_staging``).
         cuda = ctx.device.type == "cuda"
-        self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                    use_async_staging=True, use_non_blocking_copy=cuda)) \
-            if self.config.async_save else None
+        self._stager = (
+            DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=cuda
+                )
+            )
+            if self.config.async_save
+            else None
+        )
         self._staging: Future | None = None
 
     # ---- saving ----------------------------------------------------------------------------
@@ -117,8 +131,13 @@ class CheckpointManager:
             # The plan is the same from save to save: DCP skips re-planning across ranks.
             planner = DefaultSavePlanner(enable_plan_caching=True)
             if background:
-                response = dcp.async_save(state, storage_writer=writer, planner=planner,
-                                          process_group=self._save_group, async_stager=self._stager)
+                response = dcp.async_save(
+                    state,
+                    storage_writer=writer,
+                    planner=planner,
+                    process_group=self._save_group,
+                    async_stager=self._stager,
+                )
                 self._staging, future = response.staging_completion, response.upload_completion
             else:
                 dcp.save(state, storage_writer=writer, planner=planner)
@@ -127,8 +146,9 @@ class CheckpointManager:
         blocked = self.last_blocked_s = time.perf_counter() - started
         self.start_clock()
         written = self._background.submit(self._written, future, writer, url)
-        self._pending = PendingSave(name, step, list(tags), info, started, blocked,
-                                    "async" if background else "sync", written)
+        self._pending = PendingSave(
+            name, step, list(tags), info, started, blocked, "async" if background else "sync", written
+        )
         if not background:
             self.wait()
 
@@ -183,27 +203,41 @@ class CheckpointManager:
                 self.fs.invalidate_cache()
                 present = data_files(self.fs, f"{self.root}/{pending.name}")
             if sorted(files) != present:  # every file DCP wrote passed through the checksums
-                raise CheckpointError(f"checkpoint {pending.name} holds {present}, but checksums were "
-                                      f"computed for {sorted(files)}; this torch's DCP writes files "
-                                      "dtrain does not see: report it")
-            manifest = Manifest(step=pending.step, tags=pending.tags, files=files, created=time.time(),
-                                save={"mode": pending.mode, "blocked_s": round(pending.blocked_s, 4),
-                                      "total_s": round(total_s, 4)},
-                                sequence=self.catalog.next_sequence(), parent=self.last_committed,
-                                **pending.info)
+                raise CheckpointError(
+                    f"checkpoint {pending.name} holds {present}, but checksums were "
+                    f"computed for {sorted(files)}; this torch's DCP writes files "
+                    "dtrain does not see: report it"
+                )
+            manifest = Manifest(
+                step=pending.step,
+                tags=pending.tags,
+                files=files,
+                created=time.time(),
+                save={"mode": pending.mode, "blocked_s": round(pending.blocked_s, 4), "total_s": round(total_s, 4)},
+                sequence=self.catalog.next_sequence(),
+                parent=self.last_committed,
+                **pending.info,
+            )
             self.catalog.write_manifest(pending.name, manifest.to_json())
             removed = self.catalog.apply_retention()
             if self.events:
-                self.events("checkpoint", step=pending.step, directory=pending.name, tags=pending.tags,
-                            mode=pending.mode, blocked_s=pending.blocked_s, total_s=total_s,
-                            bytes=sum(f["size"] for f in files.values()), removed=removed)
+                self.events(
+                    "checkpoint",
+                    step=pending.step,
+                    directory=pending.name,
+                    tags=pending.tags,
+                    mode=pending.mode,
+                    blocked_s=pending.blocked_s,
+                    total_s=total_s,
+                    bytes=sum(f["size"] for f in files.values()),
+                    removed=removed,
+                )
 
         on_main(self.ctx, write_manifest_and_retain)
         self.last_committed = pending.name
 
     # ---- loading ---------------------------------------------------------------------------
-    def load(self, state: dict, which: str = "latest",
-             check: Callable[[], list[str]] | None = None) -> Manifest | None:
+    def load(self, state: dict, which: str = "latest", check: Callable[[], list[str]] | None = None) -> Manifest | None:
         """Load the newest sound checkpoint for ``which`` into ``state`` (collective).
 
         Each rank checks a share of the files' sizes; with ``verify``, the bytes are
@@ -220,8 +254,9 @@ class CheckpointManager:
         candidates = listing.candidates(which)
         if not candidates:
             if which != "latest":
-                raise CheckpointError(f"no committed checkpoint {which!r} in {self.url}; "
-                                      "see `dtrain inspect` for what is there")
+                raise CheckpointError(
+                    f"no committed checkpoint {which!r} in {self.url}; see `dtrain inspect` for what is there"
+                )
             return None
         for manifest in candidates:
             problems = self._problems(manifest)
@@ -234,12 +269,18 @@ class CheckpointManager:
                 self._reject(manifest.directory, problems)
                 continue
             if rejected:
-                self._report(f"resumed from {manifest.directory} after rejecting {', '.join(rejected)}",
-                             "fallback", directory=manifest.directory, rejected=rejected)
+                self._report(
+                    f"resumed from {manifest.directory} after rejecting {', '.join(rejected)}",
+                    "fallback",
+                    directory=manifest.directory,
+                    rejected=rejected,
+                )
             self.last_committed = manifest.directory
             return manifest
-        raise CheckpointError(f"none of the committed checkpoints in {self.url} is usable "
-                              f"({', '.join(rejected)} quarantined); run `dtrain verify` on it, or start a new run")
+        raise CheckpointError(
+            f"none of the committed checkpoints in {self.url} is usable "
+            f"({', '.join(rejected)} quarantined); run `dtrain verify` on it, or start a new run"
+        )
 
     def _problems(self, manifest: Manifest) -> list[str]:
         """Every rank checks its share of the files; rank 0 also that no shard is unlisted."""
@@ -284,9 +325,12 @@ class CheckpointManager:
 
     def _reject(self, name: str, problems: list[str]) -> None:
         """Report a checkpoint as unusable and quarantine it (rank 0 writes, everyone agrees)."""
+
         def quarantine() -> None:
-            print(f"dtrain: checkpoint {name} is unusable ({'; '.join(problems)}); quarantined, "
-                  "trying the previous one", flush=True)
+            print(
+                f"dtrain: checkpoint {name} is unusable ({'; '.join(problems)}); quarantined, trying the previous one",
+                flush=True,
+            )
             self.catalog.quarantine(name, problems)
             if self.events:
                 self.events("checkpoint_rejected", directory=name, problems=problems)

@@ -13,6 +13,7 @@ read: their commit order is their step order. Format 3 replaces each file's
 SHA-256 (formats 1-2, still read and checked whole) with block checksums computed
 as DCP wrote the file.
 """
+
 from __future__ import annotations
 
 import json
@@ -95,13 +96,25 @@ class Manifest:
             raise ManifestError(f"format {values.get('format')!r} is not one of {READABLE_FORMATS}")
         known = set(cls.__dataclass_fields__) - {"directory"}
         values = {k: v for k, v in values.items() if k in known}
-        for name, kind in (("step", int), ("tags", list), ("progress", dict), ("world_size", int),
-                           ("global_batch_size", int), ("micro_batch_size", int),
-                           ("config_fingerprint", str), ("files", dict)):
+        for name, kind in (
+            ("step", int),
+            ("tags", list),
+            ("progress", dict),
+            ("world_size", int),
+            ("global_batch_size", int),
+            ("micro_batch_size", int),
+            ("config_fingerprint", str),
+            ("files", dict),
+        ):
             if not isinstance(values.get(name), kind) or isinstance(values.get(name), bool):
                 raise ManifestError(f"field {name!r} is missing or not a {kind.__name__}")
-        for name, kind in (("metrics", dict), ("save", dict), ("config", dict), ("sequence", int),
-                           ("created", (int, float))):
+        for name, kind in (
+            ("metrics", dict),
+            ("save", dict),
+            ("config", dict),
+            ("sequence", int),
+            ("created", (int, float)),
+        ):
             if name in values and not isinstance(values[name], kind):
                 raise ManifestError(f"field {name!r} has the wrong type")
         if values["step"] < 0 or values["world_size"] < 1 or values.get("sequence", 0) < 0:
@@ -131,8 +144,9 @@ def data_files(fs, directory: str) -> list[str]:
     return [n for n in names if n not in (MANIFEST, REJECTED)]
 
 
-def find_problems(fs, directory: str, manifest: Manifest, names: list[str] | None = None,
-                  checksums: bool = True) -> list[str]:
+def find_problems(
+    fs, directory: str, manifest: Manifest, names: list[str] | None = None, checksums: bool = True
+) -> list[str]:
     """What is wrong with the listed files (all by default), one line each; empty when sound.
 
     Checking all files also checks that no shard in the directory is missing from
@@ -156,5 +170,8 @@ def find_problems(fs, directory: str, manifest: Manifest, names: list[str] | Non
 
 def unlisted_shards(present, manifest: Manifest) -> list[str]:
     """Shards in the directory that the manifest does not list (it does not describe them)."""
-    return [f"{name}: a shard the manifest does not list" for name in sorted(present)
-            if name.endswith(".distcp") and name not in manifest.files]
+    return [
+        f"{name}: a shard the manifest does not list"
+        for name in sorted(present)
+        if name.endswith(".distcp") and name not in manifest.files
+    ]

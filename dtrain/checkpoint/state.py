@@ -7,6 +7,7 @@ every rank writes and reads only its slices and DCP reshards when the world size
 changes), ``progress``, ``sampler`` and ``schedule``. Checkpoints written before this layout hold the same values
 under one ``train`` key; ``load_parts`` reads both.
 """
+
 from __future__ import annotations
 
 import math
@@ -89,8 +90,11 @@ def _in_stored_layout(parts: dict, metadata) -> tuple[dict, Callable[[dict], dic
     legacy = {name: part for name, part in parts.items() if name != "progress"}
     if "progress" in parts:
         counters = parts["progress"]
-        legacy.update(progress={"step": counters["step"], "samples_seen": counters["samples_seen"]},
-                      best=counters["best"], plan=counters["plan"])
+        legacy.update(
+            progress={"step": counters["step"], "samples_seen": counters["samples_seen"]},
+            best=counters["best"],
+            plan=counters["plan"],
+        )
 
     def unpack(loaded: dict) -> dict:
         old = loaded[LEGACY_KEY]

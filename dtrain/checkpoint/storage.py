@@ -10,6 +10,7 @@ added (dcp_io.py). Two things are added here, for every caller:
 - every storage failure becomes a ``StorageError`` whose message is one line
   naming the URL and the cause.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,11 +42,17 @@ class Storage:
         if not url.startswith(("s3://", "s3a://")):
             return {}
         import s3fs
+
         # s3fs retries a request itself (a class setting, no constructor argument: one value per
         # process); botocore's own retries would multiply them, so botocore makes one attempt.
         s3fs.S3FileSystem.retries = max(self.retries, 1)
-        options = {"config_kwargs": {"connect_timeout": self.timeout_s, "read_timeout": self.timeout_s,
-                                     "retries": {"max_attempts": 1}}}
+        options = {
+            "config_kwargs": {
+                "connect_timeout": self.timeout_s,
+                "read_timeout": self.timeout_s,
+                "retries": {"max_attempts": 1},
+            }
+        }
         if self.endpoint_url:
             options["endpoint_url"] = self.endpoint_url
         return options
@@ -56,8 +63,10 @@ class Storage:
             try:
                 return fsspec.core.url_to_fs(url, **self.options(url))
             except (ValueError, ImportError) as error:  # an unknown protocol, or its package missing
-                raise ConfigError(f"{url}: {' '.join(str(error).split())[:160]}; use a local path or "
-                                  "s3://bucket/prefix (pip install dtrain[s3])") from None
+                raise ConfigError(
+                    f"{url}: {' '.join(str(error).split())[:160]}; use a local path or "
+                    "s3://bucket/prefix (pip install dtrain[s3])"
+                ) from None
 
     def writer(self, url: str):
         """DCP's writer for ``url``; its ``written`` lists the files this rank wrote, with checksums."""
@@ -82,6 +91,7 @@ def _storage_exceptions() -> tuple[type[BaseException], ...]:
     kinds: list[type[BaseException]] = [OSError, CheckpointException]
     try:
         from botocore.exceptions import BotoCoreError, ClientError
+
         kinds += [BotoCoreError, ClientError]
     except ImportError:
         pass
@@ -90,13 +100,15 @@ def _storage_exceptions() -> tuple[type[BaseException], ...]:
 
 STORAGE_EXCEPTIONS = _storage_exceptions()
 
-_ERRNO_FIX = {errno.ENOSPC: "no space left on device; free space or point --run-dir elsewhere",
-              errno.EDQUOT: "disk quota exceeded; free space or point --run-dir elsewhere",
-              errno.EROFS: "read-only file system; point --run-dir at a writable location",
-              errno.EACCES: "permission denied; check the directory's owner and mode",
-              errno.EPERM: "operation not permitted; check the directory's owner and mode",
-              errno.ENOTDIR: "a part of the path is a file, not a directory; pass a directory",
-              errno.EISDIR: "is a directory where a file was expected"}
+_ERRNO_FIX = {
+    errno.ENOSPC: "no space left on device; free space or point --run-dir elsewhere",
+    errno.EDQUOT: "disk quota exceeded; free space or point --run-dir elsewhere",
+    errno.EROFS: "read-only file system; point --run-dir at a writable location",
+    errno.EACCES: "permission denied; check the directory's owner and mode",
+    errno.EPERM: "operation not permitted; check the directory's owner and mode",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; pass a directory",
+    errno.EISDIR: "is a directory where a file was expected",
+}
 
 
 def root_errors(error: BaseException) -> list[BaseException]:
@@ -117,20 +129,32 @@ def cause(error: BaseException) -> str:
     name = type(error).__name__
     if name == "NoCredentialsError":
         return "no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile)"
-    if "AWS Access Key Id" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text \
-            or "signature we calculated" in text:
+    if (
+        "AWS Access Key Id" in text
+        or "InvalidAccessKeyId" in text
+        or "SignatureDoesNotMatch" in text
+        or "signature we calculated" in text
+    ):
         return "S3 refused the credentials; check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
     if isinstance(error, PermissionError) or "Forbidden" in text or "AccessDenied" in text:
-        return (f"the storage refused access ({text[:80]}); check the credentials (AWS_ACCESS_KEY_ID, "
-                "AWS_SECRET_ACCESS_KEY) and the bucket's permissions")
-    if name in ("EndpointConnectionError", "ConnectionRefusedError", "ClientConnectorError",
-                "ConnectionClosedError") or \
-            "Could not connect" in text or "Connection refused" in text or "Cannot connect" in text:
-        return f"cannot connect to the storage endpoint ({text[:160]}); check --checkpoint.endpoint_url " \
-               "or AWS_ENDPOINT_URL"
+        return (
+            f"the storage refused access ({text[:80]}); check the credentials (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY) and the bucket's permissions"
+        )
+    if (
+        name in ("EndpointConnectionError", "ConnectionRefusedError", "ClientConnectorError", "ConnectionClosedError")
+        or "Could not connect" in text
+        or "Connection refused" in text
+        or "Cannot connect" in text
+    ):
+        return (
+            f"cannot connect to the storage endpoint ({text[:160]}); check --checkpoint.endpoint_url "
+            "or AWS_ENDPOINT_URL"
+        )
     if isinstance(error, TimeoutError) or "Timeout" in name or "timed out" in text.lower():
-        return ("storage did not answer in time (--checkpoint.storage_timeout, "
-                f"--checkpoint.storage_retries): {text[:160]}")
+        return (
+            f"storage did not answer in time (--checkpoint.storage_timeout, --checkpoint.storage_retries): {text[:160]}"
+        )
     if name == "NoSuchBucket" or "bucket does not exist" in text.lower() or "NoSuchBucket" in text:
         return "the bucket does not exist; create it or fix --run-dir"
     return f"{name}: {text[:240]}"

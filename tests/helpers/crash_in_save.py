@@ -3,6 +3,7 @@ the save into the directory named by DTRAIN_TEST_KILL_IN (after writing its shar
 before DCP's .metadata or the manifest exist). The product has no such hook: the
 fault is injected here, by wrapping DCP's own file writer.
 """
+
 import os
 import signal
 import sys

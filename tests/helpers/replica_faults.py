@@ -9,6 +9,7 @@ the product, by wrapping DCP's file writer or dtrain's heal server:
   join it (a file each in DIR), so that a slow machine does not let one group train alone, or
   heal at its start, before the fault the test is about.
 """
+
 import os
 import signal
 import sys

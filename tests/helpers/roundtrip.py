@@ -4,6 +4,7 @@
 The dumps hold full (unsharded) model and optimizer state dicts gathered to rank 0,
 so a test can compare them exactly across world sizes.
 """
+
 import sys
 
 import torch
@@ -26,9 +27,17 @@ def dump(trainer: Trainer, path: str) -> None:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model, optimizer = get_state_dict(trainer.model, trainer.optimizer, options=options)
     if dist.get_rank() == 0:
-        torch.save({"model": model, "optimizer": optimizer, "step": trainer.step,
-                    "samples_seen": trainer.samples_seen, "sampler": trainer.sampler.state_dict(),
-                    "schedule": trainer.schedule.state_dict()}, path)
+        torch.save(
+            {
+                "model": model,
+                "optimizer": optimizer,
+                "step": trainer.step,
+                "samples_seen": trainer.samples_seen,
+                "sampler": trainer.sampler.state_dict(),
+                "schedule": trainer.schedule.state_dict(),
+            },
+            path,
+        )
 
 
 def main() -> None:

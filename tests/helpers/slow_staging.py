@@ -3,6 +3,7 @@ starts late (DTRAIN_TEST_STAGING_DELAY seconds), so training steps run while it 
 A save that did not hold the optimizer's update back until the copy is done would capture
 a later step's weights. The product has no such hook: the delay wraps DCP's own stager.
 """
+
 import os
 import sys
 import time
