@@ -2,7 +2,7 @@
 
 A resumed start takes the run's stored configuration (the newest committed
 checkpoint's, see ``RunDirectory.stored_config``) and applies the options given.
-Plain functions over plain values decide the rest, so every row of the README's
+Plain functions over plain values decide the rest, so every row of docs/resuming.md's
 resume table is a unit test (``tests/test_resume_rules.py``), no process group:
 
 - ``refusal(stored, config, preset)``: why this start may not change the run (a new

@@ -17,7 +17,7 @@
 # the survivor trained alone 9.3 s after the freeze; a killed node took 6.7 s.
 #
 # Exits with dtrain's code (0 done, 75 stopped with a checkpoint: start again,
-# 2/65/74 see the README's exit codes). torchrun exits 1 for any failed worker,
+# 2/65/74 see docs/training.md, exit codes). torchrun exits 1 for any failed worker,
 # so the code is read from the run's events (`dtrain status`), which every node
 # sees: RUN_DIR is shared storage.
 set -uo pipefail

@@ -1,4 +1,4 @@
-"""The Python API, as the README and the issue show it, on the tiny preset."""
+"""The Python API, as docs/python-api.md shows it, on the tiny preset."""
 
 import json
 import shutil

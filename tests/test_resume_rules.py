@@ -1,4 +1,4 @@
-"""Every row of the README's resume table, as plain functions (no process group, no torchrun)."""
+"""Every row of docs/resuming.md's resume table, as plain functions (no process group, no torchrun)."""
 
 import math
 
