@@ -150,16 +150,14 @@ class ReplicaTrainer(Trainer):
         if self._stop_asked:  # every replica that was asked to stop said so in this step's sum
             self._leave = "all" if stopping.item() >= self.num_replicas else "alone"
         if self.config.data.record_indices and ctx.is_main:
-            self._write(
+            self.logs.write(
                 f"samples/replica_{self.ft.replica_id}.jsonl",
                 {
                     "step": self.step,
                     "time": time.time(),
                     "replica_id": self.ft.replica_id,
                     "replicas": self.num_replicas,
-                    "epochs": batch.epochs.tolist(),
-                    "positions": batch.positions.tolist(),
-                    "indices": batch.indices.tolist(),
+                    **batch.record(),
                 },
             )
         self._apply(norm)

@@ -82,6 +82,10 @@ class GlobalBatch:
         part_slice = slice(len(self) * part // parts, len(self) * (part + 1) // parts)
         return GlobalBatch(self.epochs[part_slice], self.positions[part_slice], self.indices[part_slice])
 
+    def record(self) -> dict:
+        """The samples as a log line's fields (``--data.record_indices``, read by ``dtrain report``)."""
+        return {"epochs": self.epochs.tolist(), "positions": self.positions.tolist(), "indices": self.indices.tolist()}
+
     def split(self, parts: int) -> list[GlobalBatch]:
         """Consecutive pieces (micro-batches of an accumulation), equal when ``parts`` divides."""
         return [self.deal(i, parts) for i in range(parts)]

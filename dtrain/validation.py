@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .data import VALIDATION_STREAM, make_examples, mixture_spec
 from .metrics import kmeans_centres, set_mean_centres, squared_error, wasserstein
@@ -60,3 +61,43 @@ def prediction_sums(predict, examples: dict, batch_size: int, weight=None) -> di
         mse += (squared_error(predicted, targets[part]) * weight[part]).sum().item()
         w2 += float((wasserstein(predicted.numpy(), targets[part].numpy()) * weight[part].numpy()).sum())
     return {"mse": mse, "wasserstein": w2}
+
+
+def scores_line(metrics: dict) -> str:
+    """The validation scores beside their references, as the progress line shows them."""
+    return (
+        f"val mse {metrics['val_mse']:.4f} (k-means {metrics['kmeans_mse']:.4f}, set mean "
+        f"{metrics['trivial_mse']:.4f}), wasserstein {metrics['val_wasserstein']:.4f} "
+        f"(k-means {metrics['kmeans_wasserstein']:.4f})"
+    )
+
+
+class Validator:
+    """This rank's share of the run's validation set, made once, and its scores summed over the
+    ranks (collective)."""
+
+    def __init__(self, config, ctx):
+        self.config, self.ctx = config, ctx
+        self._share = None
+
+    def share(self):
+        if self._share is None:
+            indices, weight = rank_share(self.config.data.val_samples, self.ctx.rank, self.ctx.world_size)
+            examples = validation_examples(self.config.data, indices)
+            real = int(weight.sum())
+            baselines = baseline_sums({k: v[:real] for k, v in examples.items()}, seeds=indices[:real])
+            self._share = examples, weight, baselines
+        return self._share
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict:
+        examples, weight, baselines = self.share()
+        model.eval()
+        device = self.ctx.device
+        sums = prediction_sums(
+            lambda points: model(points.to(device)), examples, self.config.train.eval_batch_size, weight
+        )
+        totals = torch.tensor([sums["mse"], sums["wasserstein"], *baselines.values()], dtype=torch.float64)
+        dist.all_reduce(totals)  # gloo or the CPU side of the cuda group
+        mse, w2, *rest = (totals / self.config.data.val_samples).tolist()
+        return {"val_mse": mse, "val_wasserstein": w2, **dict(zip(baselines, rest))}
