@@ -82,14 +82,17 @@ def test_survivor_keeps_training_and_a_returning_group_heals(tmp_path, nproc=1):
     assert len(ends) == 2 and ends[0]["weights_digest"] == ends[1]["weights_digest"]
     assert ends[0]["step"] == 300
     assert_exactly_once(run_dir)
-    # The same losses as one process without torchft. Sums in another order drift the weights by
-    # up to 3.5e-7 of the loss here; one sample more or fewer in a batch of 16 moves it by percents.
+    # The same losses as one process without torchft, up to float order: sums in another order drift
+    # the weights, by 3.5e-7 of the loss in one run here and past 1e-5 in one on CI (the drift grows
+    # with the steps trained as two replicas). One sample more or fewer in a batch of 16, or a wrong
+    # scale, moves a step's loss by percents.
     plain = tmp_path / "plain"
     assert launch([*ARGS[:-2], "--run-dir", str(plain)]).returncode == 0
     expected = {r["step"]: r["loss"] for r in read_jsonl(plain / "metrics.jsonl") if r["kind"] == "train"}
     got = {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "train"}
     assert got.keys() == expected.keys()
-    assert all(abs(got[s] - expected[s]) <= 1e-5 * abs(expected[s]) for s in got)
+    drift, step = max((abs(got[s] - expected[s]) / abs(expected[s]), s) for s in got)
+    assert drift <= 1e-3, f"step {step}: loss {got[step]} against {expected[step]} without torchft"
 
 
 def assert_exactly_once(run_dir, samples=4800):
