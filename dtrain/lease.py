@@ -166,7 +166,13 @@ class RunLease:
         """Raise ``LeaseLost`` if another job holds the lease now (one small read)."""
         if self.lost:
             raise LeaseLost(self.lost)
-        holder = self._read() or {}
+        holder = self._read()
+        if holder is None and self.shared:
+            # A group of this job that finished first let the run go while this one, which healed
+            # as the job ended, still trains its last steps alone: it holds the run again.
+            self._write()
+            return
+        holder = holder or {}
         if holder.get("id") != self.me["id"]:
             self.lost = (
                 f"another job ({self._who(holder)}) took over {self.run.url}; this job stops "

@@ -469,3 +469,24 @@ def test_data_that_cannot_be_finite_and_a_model_that_cannot_fit_are_one_line_bef
     result = launch([*TINY, "--run-dir", str(tmp_path / "run"), *values])
     assert result.returncode == 2 and values[0].split("=")[0] in one_line(result)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_shared_lease_let_go_by_a_finished_group_is_held_again_by_one_still_training(tmp_path):
+    """Replica groups share the job's lease; the writer of the last step deletes it. A group that
+    healed as the job ended trains its last steps alone after that: its commit holds the run again
+    (CI saw exit 74, "another job took over", here), and another job is still kept out."""
+    from dtrain.errors import ConfigError
+    from dtrain.lease import LEASE, RunLease
+    from dtrain.rundir import RunDirectory
+
+    (tmp_path / "run").mkdir()
+    run = RunDirectory(str(tmp_path / "run"))
+    finished, still_training = RunLease(run, job_id="torchft:job-1"), RunLease(run, job_id="torchft:job-1")
+    finished.acquire(), still_training.acquire()
+    finished.release(job_over=True)
+    assert not (tmp_path / "run" / LEASE).exists()
+    still_training.check()
+    with pytest.raises(ConfigError, match="in use by another job"):
+        RunLease(run).acquire()
+    still_training.release(job_over=True)
+    assert not (tmp_path / "run" / LEASE).exists()
