@@ -66,7 +66,7 @@ def launcher_job() -> str:
 class RunLease:
     def __init__(self, run: RunDirectory, ttl_s: float = 60.0, job_id: str | None = None):
         """``job_id``: a lease shared by every process of that job (the replica groups of one torchft
-        job): each renews it, none deletes it (it goes stale when the last one stops)."""
+        job): each renews it; the job's last writer deletes it (``release(job_over=True)``)."""
         self.run, self.ttl_s, self.shared = run, ttl_s, job_id is not None
         self.me = {
             "id": job_id or uuid.uuid4().hex,
