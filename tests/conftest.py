@@ -25,6 +25,25 @@ def launch(args, nproc: int | None = None, timeout: float = 300, env: dict | Non
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+# The longest files first (about 100-200 s each on 2 cores, waiting on real schedulers, agents
+# and timeouts), so that the two workers do not end with one of them alone on a long file.
+LONGEST_FIRST = [
+    "test_slurm.py",
+    "test_elastic.py",
+    "test_replicas.py",
+    "test_preemption.py",
+    "test_checkpoint_roundtrip.py",
+    "test_checkpoint_io_s3.py",
+    "test_runlog_s3.py",
+    "test_resume.py",
+]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order stays
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A failed test that ran processes shows the end of their logs (``*.log`` in its tmp_path):
