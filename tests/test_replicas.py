@@ -221,7 +221,10 @@ def test_a_writer_killed_mid_save_and_a_source_killed_mid_heal_lose_nothing(tmp_
         finally:
             kill_nodes([r0, r1])
     (resumed,) = replica_events(run_dir, 0, "resume")
-    assert resumed["step"] >= 80 and replica_events(run_dir, 1, "heal")
+    assert resumed["step"] >= 80
+    # Replica 1 came back: it healed from replica 0, or, started while replica 0 still stood at the
+    # checkpoint it had just resumed from (a slow machine: CI), it resumed from that one too.
+    assert [e for e in replica_events(run_dir, 1) if e["event"] in ("heal", "resume") and e["time"] > resumed["time"]]
     ends = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "end"]
     assert len(ends) == 2 and ends[0]["weights_digest"] == ends[1]["weights_digest"]
     assert_exactly_once(run_dir, samples=9600)
