@@ -23,6 +23,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from .dist import on_main
@@ -89,6 +90,11 @@ class ReplicaTrainer(Trainer):
         with torch.no_grad():
             for name, p in self._shards.items():
                 p.to_local().copy_(state["model"][name])
+        # An evaluation leaves the root's parameters gathered (FSDP2 does not reshard the root after
+        # a forward); the next forward would use that copy of the old weights. Drop it.
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
         for name, p in self._shards.items():
             self.optimizer.state[p] = {
                 key: (
