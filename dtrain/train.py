@@ -93,9 +93,7 @@ def _plan_run(
                 f"--resume={resume}: {run.url} holds no committed checkpoint to resume; drop --resume to start the run"
             )
         config = settings.resolve()
-        validate(config, world_size)
-        check_fits(config.model, config.data.dim, world_size, device)
-        notes.append(lease.acquire())
+        notes.append(_admit(config, world_size, device, lease))
         run.write_text(CONFIG, config.to_json() + "\n")
         if resume == "restart":
             notes.append(
@@ -119,10 +117,16 @@ def _plan_run(
     config = settings.apply(copy.deepcopy(stored))
     if problem := refusal(stored, config, settings.preset):
         raise ConfigError(problem)
+    notes.append(_admit(config, world_size, device, lease))
+    return {"config": config.to_dict(), "changed": changed_keys(stored, config), "notes": [n for n in notes if n]}
+
+
+def _admit(config: ExperimentConfig, world_size: int, device: torch.device, lease: RunLease) -> str:
+    """The last checks before a start writes anything: the config works on this world size, the
+    model fits this host, and this job holds the run directory (returns the lease's note)."""
     validate(config, world_size)
     check_fits(config.model, config.data.dim, world_size, device)
-    notes.append(lease.acquire())
-    return {"config": config.to_dict(), "changed": changed_keys(stored, config), "notes": [n for n in notes if n]}
+    return lease.acquire()
 
 
 def start_device(settings: Settings, run_dir: str, requested: ExperimentConfig, resume: str = "latest") -> str:
