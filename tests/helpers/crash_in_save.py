@@ -25,4 +25,4 @@ def write_then_die(self, plan, planner):
 
 
 FileSystemWriter.write_data = write_then_die
-sys.exit(train.main(sys.argv[1:]))
+train.exit_now(train.main(sys.argv[1:]))  # no interpreter teardown: see exit_now

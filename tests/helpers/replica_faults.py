@@ -53,4 +53,4 @@ def start_together(self):
 FileSystemWriter.write_data = write_then_die
 PeerStateTransport._serve = die_serving
 ReplicaGroup.start_step = start_together
-sys.exit(train.main(sys.argv[1:]))
+train.exit_now(train.main(sys.argv[1:]))  # no interpreter teardown: see exit_now

@@ -22,4 +22,4 @@ def late_stage(self, state_dict, **kwargs):
 
 
 DefaultStager._stage = late_stage
-sys.exit(train.main(sys.argv[1:]))
+train.exit_now(train.main(sys.argv[1:]))  # no interpreter teardown: see exit_now
