@@ -8,11 +8,15 @@ carries a rank's storage failure, so every rank stops on it together.
 
 A signal sent to a whole process group (SLURM's step, a terminal's Ctrl-C, a
 container runtime) reaches a worker twice: once directly, once forwarded by
-torchrun's agent. Repeats within ``REPEAT_WINDOW_S`` of the first are that same
-request. A signal after that window (a person insisting), or the grace
-deadline, ends the process at once: a checkpoint that cannot finish must not
-hold the machine past its notice. A worker whose torchrun agent died stops the
-same way, with a checkpoint (reason ``AGENT_LOST``).
+torchrun's agent. Repeats that arrive within ``REPEAT_WINDOW_S`` of the first
+are that same request. A signal after that window (a person insisting), or the
+grace deadline, ends the process at once: a checkpoint that cannot finish must
+not hold the machine past its notice. Arrival is timed by a thread that reads
+the interpreter's signal wakeup pipe: Python runs a handler only when the main
+thread is back in Python, which a collective waiting on a slow peer can delay
+by seconds, and that delay must not turn the forwarded copy into a second request.
+A worker whose torchrun agent died stops the same way, with a checkpoint (reason
+``AGENT_LOST``).
 """
 
 from __future__ import annotations
@@ -43,23 +47,40 @@ class StopRequest:
         # Under torchrun the parent is the agent: a worker whose agent is gone is an orphan that
         # no agent will stop or restart, and that a new agent on its node cannot join.
         self._agent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        self._wakeup: tuple[int, int] | None = None  # the previous wakeup fd and our pipe's write end
         if threading.current_thread() is not threading.main_thread():
             return  # Python delivers signals to the main thread only; nothing to install here
         for number in stop_signals(signal_names):
             self._previous[number] = signal.signal(number, self._handle)
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        self._wakeup = (signal.set_wakeup_fd(write_end, warn_on_full_buffer=False), write_end)
+        threading.Thread(target=self._time_arrivals, args=(read_end,), name="dtrain-signals", daemon=True).start()
 
     def _handle(self, number, frame) -> None:
-        name = signal.Signals(number).name
         if self.received is not None:
-            if time.monotonic() - self.received_at < REPEAT_WINDOW_S:
-                return  # the same request, delivered twice (process group + torchrun's forwarding)
-            print(f"dtrain: second signal ({name}) while stopping; exiting now", file=sys.stderr, flush=True)
-            os._exit(128 + number)
-        self.received, self.received_at, self.received_time = name, time.monotonic(), time.time()
+            return  # a repeat: judged by its arrival time in _time_arrivals
+        self.received, self.received_at, self.received_time = signal.Signals(number).name, time.monotonic(), time.time()
         if self.grace_seconds:
             timer = threading.Timer(self.grace_seconds, self._deadline)
             timer.daemon = True
             timer.start()
+
+    def _time_arrivals(self, read_end: int) -> None:
+        """One byte per delivered signal, written by the interpreter's C-level handler as it arrives."""
+        first = None
+        while data := os.read(read_end, 64):
+            now = time.monotonic()
+            for number in data:
+                if number not in self._previous:
+                    continue
+                if first is None:  # a stop already agreed on a lost agent counts as the first request
+                    first = self.received_at if self.received == AGENT_LOST else now
+                if now - first >= REPEAT_WINDOW_S:
+                    name = signal.Signals(number).name
+                    print(f"dtrain: second signal ({name}) while stopping; exiting now", file=sys.stderr, flush=True)
+                    os._exit(128 + number)
+        os.close(read_end)
 
     def _deadline(self) -> None:
         print(
@@ -88,3 +109,8 @@ class StopRequest:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
+        if self._wakeup is not None:
+            previous, write_end = self._wakeup
+            signal.set_wakeup_fd(previous)
+            os.close(write_end)  # the arrival thread reads the end of the pipe and leaves
+            self._wakeup = None
