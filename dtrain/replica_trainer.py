@@ -52,6 +52,7 @@ class ReplicaTrainer(Trainer):
         self._uncommitted_in_a_row = 0
         self._start_fields: dict = {}  # of this group's start event; later heal events repeat them
         self._announced = True  # until fit() asks for the start event
+        self._resumed_from: str | None = None  # the newest commit when this group resumed ("" for none)
 
     # ---- state that travels in a heal -------------------------------------------------------
     def _heal_state(self) -> dict:
@@ -116,7 +117,25 @@ class ReplicaTrainer(Trainer):
     def restore(self, which: str = "latest"):
         manifest = super().restore(which)
         self.replicas.set_step(self.step)
+        if which == "latest":  # checked at the first quorum: another group may commit meanwhile
+            self._resumed_from = manifest.directory if manifest is not None else ""
         return manifest
+
+    def _check_not_overtaken(self) -> None:
+        """A group that resumed from the newest commit and met nobody ahead of it at its first quorum
+        must still hold the newest commit: groups that committed a later one while it started, and
+        then left (or finished the run), are not there to heal it, and training on would redo their
+        steps from an older state."""
+        if self._resumed_from is None:
+            return
+        listing = on_main(self.ctx, self.checkpoints.catalog.scan)
+        newest = listing.candidates("latest")
+        if newest and newest[0].directory != self._resumed_from:
+            raise ReplicaError(
+                f"replica group {self.ft.replica_id} resumed from {self._resumed_from or 'no checkpoint'}, "
+                f"but {newest[0].directory} was committed since by groups that are gone; it stops without "
+                "training: start it again to resume from there"
+            )
 
     def train_step(self) -> torch.Tensor | None:
         ctx, train = self.ctx, self.config.train
@@ -221,6 +240,7 @@ class ReplicaTrainer(Trainer):
         if healed_from is not None:
             name, fields = "heal", {**fields, "from_step": healed_from}
         else:
+            self._check_not_overtaken()
             name = "start" if step == 0 else "resume"
         on_main(
             self.ctx,

@@ -209,27 +209,38 @@ class PeerStateTransport:
 
 
 class ReplicaGroup:
-    """This group's torchft manager: one quorum and one commit per step."""
+    """This group's torchft manager: one quorum and one commit per step.
+
+    The manager starts at the first quorum, not before: from its start it beats to the lighthouse,
+    and a group that beats without joining (restoring a checkpoint, evaluating step 0) holds every
+    quorum of a two-group job, since torchft's lighthouse wants more than half of the live groups."""
 
     def __init__(self, settings: FaultTolerance, device: torch.device, state_dict, load_state_dict):
+        self.settings, self.device = settings, device
+        self.state_dict, self.load_state_dict = state_dict, load_state_dict
+        self.lighthouse, self.quorum_retries = os.environ["TORCHFT_LIGHTHOUSE"], settings.quorum_retries
+        self.manager = None
+        self._first_step = 0
+
+    def _start_manager(self):
         import torchft
 
         # torchft warns at every quorum change that NCCL's flight recorder cannot be reset, also on
         # gloo where there is none: a line per failure that says nothing to a dtrain user.
         logging.getLogger("torchft.manager").addFilter(lambda record: "flight recorder" not in record.getMessage())
 
+        settings = self.settings
         timeout = timedelta(seconds=settings.timeout)
-        lighthouse = os.environ["TORCHFT_LIGHTHOUSE"]
-        host = address_towards(lighthouse)
+        host = address_towards(self.lighthouse)
         pg = (
             torchft.ProcessGroupNCCL(timeout=timeout)
-            if device.type == "cuda"
+            if self.device.type == "cuda"
             else torchft.ProcessGroupGloo(timeout=timeout)
         )
-        self.manager = torchft.Manager(
+        manager = torchft.Manager(
             pg=pg,
-            load_state_dict=load_state_dict,
-            state_dict=state_dict,
+            load_state_dict=self.load_state_dict,
+            state_dict=self.state_dict,
             min_replica_size=settings.min_replicas,
             use_async_quorum=False,  # heal before the forward pass: the step's deal needs the quorum
             timeout=timeout,
@@ -241,11 +252,15 @@ class ReplicaGroup:
             init_sync=False,  # every group builds the same weights from the same seed
             quorum_retries=settings.quorum_retries,
         )
-        self.lighthouse, self.quorum_retries = lighthouse, settings.quorum_retries
+        # Count from the step this group restored (a heal then compares it with the peers').
+        manager.load_state_dict({"step": self._first_step, "batches_committed": 0})
+        return manager
 
     def set_step(self, step: int) -> None:
-        """Start counting at the step this group restored (a heal then compares with the peers')."""
-        self.manager.load_state_dict({"step": step, "batches_committed": 0})
+        """The step this group restored, from which its quorums count."""
+        self._first_step = step
+        if self.manager is not None:
+            self.manager.load_state_dict({"step": step, "batches_committed": 0})
 
     def start_step(self) -> tuple[int, int]:
         """Join this step's quorum (healing first if this group is behind): (our rank, replicas).
@@ -254,6 +269,8 @@ class ReplicaGroup:
         only within the deadline of ours, which a frozen group passes while frozen."""
         for _ in range(self.quorum_retries + 1):
             try:
+                if self.manager is None:
+                    self.manager = self._start_manager()
                 self.manager.start_quorum()
                 break
             except DtrainError:  # a heal refused (another configuration or group size): its own line
@@ -283,4 +300,5 @@ class ReplicaGroup:
         return self.manager.should_commit()
 
     def close(self) -> None:
-        self.manager.shutdown(wait=False)
+        if self.manager is not None:
+            self.manager.shutdown(wait=False)
