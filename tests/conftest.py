@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,14 +47,29 @@ def pytest_collection_modifyitems(items):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """A failed test that ran processes shows the end of their logs (``*.log`` in its tmp_path):
+    """A failed test that ran processes shows what they said (``*.log`` in its tmp_path, without
+    the per-step lines, which would push the rest out of CI's excerpt) and the runs' events:
     on CI those files are gone with the machine."""
     report = (yield).get_result()
     tmp_path = item.funcargs.get("tmp_path") if hasattr(item, "funcargs") else None
     if report.failed and tmp_path is not None:
         for log in sorted(Path(tmp_path).rglob("*.log")):
-            lines = log.read_text(errors="replace").splitlines()
-            report.sections.append((f"last lines of {log.relative_to(tmp_path)}", "\n".join(lines[-40:])))
+            lines = [line for line in log.read_text(errors="replace").splitlines() if not STEP_LINE.match(line)]
+            report.sections.append((f"{log.relative_to(tmp_path)} without step lines", "\n".join(lines[-25:])))
+        for events in sorted(Path(tmp_path).rglob("events.jsonl")):
+            try:
+                rows = read_jsonl(events)
+            except ValueError:  # a line being written when the test failed
+                continue
+            brief = [
+                " ".join(f"{k}={e[k]}" for k in ("event", "replica_id", "step", "from_step", "reason") if k in e)
+                for e in rows
+                if e.get("event") != "checkpoint"
+            ]
+            report.sections.append((str(events.relative_to(tmp_path)), "\n".join(brief[-30:])))
+
+
+STEP_LINE = re.compile(r"step \d+/\d+ epoch ")
 
 
 @pytest.fixture

@@ -182,8 +182,9 @@ def test_replica_groups_under_slurm_heal_a_crashed_group_in_place(tmp_path):
     assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", output[-3000:]
     assert "dtrain: replica group 1 exited" in output and "starting it again to heal" in output
     events = read_jsonl(run_dir / "events.jsonl")
-    # Replica 1 heals after its crash (either group may also heal at its start, if it came up late).
-    assert {e["replica_id"] for e in events if e["event"] == "heal" and e["time"] > killed_at} == {1}
+    # Replica 1 heals after its crash. Replica 0 may heal too: a group that a loaded machine stalls
+    # past the 3 s timeout is left out of a quorum, and finds itself behind when it comes back.
+    assert 1 in {e["replica_id"] for e in events if e["event"] == "heal" and e["time"] > killed_at}
     assert sorted(e["replica_id"] for e in events if e["event"] == "end") == [0, 1]
     result = subprocess.run(
         [sys.executable, "-m", "dtrain.cli", "report", str(run_dir)], capture_output=True, text=True
