@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from dtrain.config import ExperimentConfig
 from dtrain.dist import init_distributed, shutdown
 from dtrain.rundir import RunDirectory
+from dtrain.train import exit_now
 from dtrain.trainer import Trainer
 
 
@@ -59,3 +60,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # no interpreter teardown, as dtrain.train: a gloo thread can abort it
