@@ -5,7 +5,6 @@ applied, no non-finite state is loaded, and the run stops with one line saying w
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from .errors import TrainingDiverged
 
@@ -19,13 +18,6 @@ def nonfinite_state(model, optimizer) -> list[str]:
                 local = value.to_local() if hasattr(value, "to_local") else value
                 bad += [] if torch.isfinite(local).all() else [f"optimizer {key}"]
     return [f"non-finite values in {', '.join(sorted(set(bad))[:3])}"] if bad else []
-
-
-def finite_on_every_rank(loss_sum: torch.Tensor, norm: torch.Tensor) -> bool:
-    """Collective: whether every rank's loss and the global gradient norm are finite."""
-    finite = torch.tensor([float(bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(norm)))])
-    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
 
 
 def diverged(what: str, last_committed: str | None, lr: float) -> TrainingDiverged:

@@ -52,6 +52,8 @@ class StopRequest:
             return  # Python delivers signals to the main thread only; nothing to install here
         for number in stop_signals(signal_names):
             self._previous[number] = signal.signal(number, self._handle)
+        if not self._previous:
+            return
         read_end, write_end = os.pipe()
         os.set_blocking(write_end, False)
         self._wakeup = (signal.set_wakeup_fd(write_end, warn_on_full_buffer=False), write_end)
@@ -91,19 +93,23 @@ class StopRequest:
         )
         os._exit(128 + signal.SIGTERM)
 
-    def agree(self, failed: bool = False) -> str | None:
-        """ "failure" if any rank failed, "signal" if any was asked to stop, else None
-        (collective: call on every rank, at the same point)."""
+    def code(self, failed: bool = False) -> int:
+        """This rank's request, weightiest first: 3 a failure, 2 a lost agent, 1 a signal, 0 none."""
         if self.received is None and self._agent is not None and os.getppid() != self._agent:
             self.received, self.received_at, self.received_time = AGENT_LOST, time.monotonic(), time.time()
-        # MAX picks the weightiest: a failure, then a lost agent, then a signal; a lost agent is
-        # named as such, since the ranks notice it one step apart.
-        own = 3 if failed else 2 if self.received == AGENT_LOST else 1 if self.received else 0
-        flag = torch.tensor([own])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        agreed = int(flag.item())
+        return 3 if failed else 2 if self.received == AGENT_LOST else 1 if self.received else 0
+
+    def settle(self, agreed: int) -> str | None:
+        """What the ranks agreed, from the weightiest ``code`` of any rank: "failure", "signal" or
+        None. A lost agent is named as such, since the ranks notice it one step apart."""
         self.agreed_reason = AGENT_LOST if agreed == 2 else None
         return {0: None, 1: "signal", 2: "signal", 3: "failure"}[agreed]
+
+    def agree(self, failed: bool = False) -> str | None:
+        """``settle`` of every rank's ``code`` (collective: call on every rank, at the same point)."""
+        flag = torch.tensor([self.code(failed)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return self.settle(int(flag.item()))
 
     def close(self) -> None:
         for number, handler in self._previous.items():

@@ -153,7 +153,7 @@ class ReplicaTrainer(Trainer):
         self.accumulation = max(1, math.ceil(math.ceil(len(ours) / ctx.world_size) / self.micro_batch))
         # FSDP2 averages over the group's W ranks, torchft sums over the replicas: G / W makes it the
         # global batch's mean gradient whatever the shares.
-        loss_sum = self._forward_backward(mine, train.global_batch_size / ctx.world_size)
+        loss_sum = self._forward_backward(self._micro_batches(mine), train.global_batch_size / ctx.world_size)
         stopping = torch.tensor([1.0 if self._stop_asked else 0.0], device=ctx.device)
         grads = [p.grad.to_local() for p in self.model.parameters() if p.grad is not None]
         self.replicas.sum_across([*grads, loss_sum.view(1), stopping])
@@ -208,7 +208,7 @@ class ReplicaTrainer(Trainer):
                 "to heal the whole group"
             )
         if summed and not finite_everywhere:
-            raise self._nonfinite_step(norm)
+            raise self._nonfinite_step(self.step, norm.item())
         return bool(summed)
 
     # ---- who writes what --------------------------------------------------------------------
@@ -266,6 +266,10 @@ class ReplicaTrainer(Trainer):
         digests = [None] * self.ctx.world_size
         dist.all_gather_object(digests, local.hexdigest())
         return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
+
+    def _boundary(self, stop) -> str | None:
+        # torchft's commit already waits for the host every step: the stop is agreed here, as before.
+        return stop.agree(failed=self.logs.failure is not None)
 
     def _stop_now(self) -> bool:
         """A signalled group says so in the next step's sum; then it knows whether every replica

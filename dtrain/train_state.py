@@ -35,7 +35,10 @@ class TrainState:
         model = build_model(config.model, data.dim)
         self.num_parameters = count_parameters(model)
         self.model = shard_model(model, ctx.mesh, self.precision)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        # Fused: it can skip a non-finite step on the device (found_inf; dtrain/step_sums.py).
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay, fused=True
+        )
         self.sampler = ElasticSampler(data.train_samples, data.seed, data.mode)
         self.spec = mixture_spec(data)
         self.counters = Counters(plan=plan_record(config))  # step, samples seen, best, plan

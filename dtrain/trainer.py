@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import uuid
@@ -13,13 +14,15 @@ from .config import ExperimentConfig
 from .data import make_examples, train_streams
 from .dist import DistContext, broadcast_from_main, on_every_rank, on_main
 from .errors import TrainingDiverged
-from .finite import diverged, finite_on_every_rank
+from .finite import diverged
 from .metrics import squared_error
 from .preempt import StopRequest
+from .prefetch import Prefetcher
 from .progress import Progress
 from .rundir import METRICS, RunDirectory
 from .sampler import GlobalBatch
 from .step_log import LossWindow
+from .step_sums import StepSums
 from .train_state import TrainState
 from .validation import Validator, scores_line
 
@@ -39,10 +42,21 @@ class Trainer(TrainState):
         self.leg = ""  # id of this start of the run: sample records of rolled-back steps are told apart by it
         self.startup: dict = {}  # wall-clock marks of this start (dtrain/startup.py), for its event
         self.validate = Validator(config, ctx)
+        self.sums = StepSums(ctx.device)
+        self.prefetch = Prefetcher(self._micro_batches)
+        self.stop = StopRequest("")  # fit() installs the real one
 
-    def _examples(self, batch: GlobalBatch) -> dict[str, torch.Tensor]:
-        streams = train_streams(self.config.data.mode, batch.epochs)
-        return make_examples(self.spec, self.config.data.seed, streams, batch.indices)
+    def _micro_batches(self, share: GlobalBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``share``'s points and targets per micro-batch, on the host (pinned for a GPU's
+        non-blocking copy); runs in the prefetch thread too."""
+        out = []
+        for micro in share.split(self.accumulation):
+            examples = make_examples(
+                self.spec, self.config.data.seed, train_streams(self.config.data.mode, micro.epochs), micro.indices
+            )
+            pair = examples["points"], examples["targets"]
+            out.append(tuple(t.pin_memory() for t in pair) if self.ctx.device.type == "cuda" else pair)
+        return out
 
     def train_step(self) -> torch.Tensor | None:
         """One optimizer step over the next global batch; returns this rank's loss sum."""
@@ -52,16 +66,19 @@ class Trainer(TrainState):
         if self.config.data.record_indices:
             record = {"step": self.step, "leg": self.leg, "world_size": ctx.world_size, **mine.record()}
             self.logs.write(f"samples/rank_{ctx.rank}.jsonl", record)
+        micro_batches = self.prefetch.take(mine)
+        self.prefetch.start(copy.copy(self.sampler).take(train.global_batch_size).deal(ctx.rank, ctx.world_size))
         # FSDP averages over ranks; dividing by the rank's share makes it a global-batch mean.
-        loss_sum = self._forward_backward(mine, len(mine))
-        norm = self._gradient_norm()
-        if not finite_on_every_rank(loss_sum, norm):  # before the update: a non-finite step is never applied
-            raise self._nonfinite_step(norm)
-        self._apply(norm)
+        loss_sum = self._forward_backward(micro_batches, len(mine))
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # The step's one small all-reduce; a non-finite step is skipped on the device, and the host
+        # reads the sums a step later (dtrain/step_sums.py).
+        norm, found_inf = self.sums.reduce(self.step, grads, loss_sum, self.stop.code(self.logs.failure is not None))
+        self._apply(norm, found_inf)
         return loss_sum
 
-    def _forward_backward(self, mine: GlobalBatch, divisor: float) -> torch.Tensor:
-        """Gradients of sum(loss over ``mine``) / ``divisor`` at this step's learning rate."""
+    def _forward_backward(self, micro_batches: list, divisor: float) -> torch.Tensor:
+        """Gradients of sum(loss over the micro-batches) / ``divisor`` at this step's learning rate."""
         ctx, train = self.ctx, self.config.train
         lr = self.schedule(self.samples_seen + train.global_batch_size)
         for group in self.optimizer.param_groups:
@@ -69,12 +86,11 @@ class Trainer(TrainState):
         torch.manual_seed(step_seed(train.seed, self.step, ctx.rank))
         self.model.train()
         loss_sum = torch.zeros((), device=ctx.device)
-        for i, micro in enumerate(mine.split(self.accumulation)):
+        for i, (points, targets) in enumerate(micro_batches):
             # Reduce-scatter gradients once per step, on the last micro-batch.
-            self.model.set_requires_gradient_sync(i == self.accumulation - 1)
-            examples = self._examples(micro)
-            predicted = self.model(examples["points"].to(ctx.device))
-            per_example = squared_error(predicted, examples["targets"].to(ctx.device))
+            self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            predicted = self.model(points.to(ctx.device, non_blocking=True))
+            per_example = squared_error(predicted, targets.to(ctx.device, non_blocking=True))
             (per_example.sum() / divisor).backward()
             loss_sum += per_example.detach().sum()
         return loss_sum
@@ -83,22 +99,38 @@ class Trainer(TrainState):
         norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def _apply(self, norm: torch.Tensor) -> None:
-        """Clip, step the optimizer and count the step."""
+    def _apply(self, norm: torch.Tensor, found_inf: torch.Tensor | None = None) -> None:
+        """Clip, step the optimizer (no update where ``found_inf`` is set) and count the step."""
         train = self.config.train
         if train.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(list(self.model.parameters()), train.grad_clip, norm)
         self.checkpoints.wait_for_staging()  # a background save copies the state during fwd/bwd
+        self.optimizer.found_inf = found_inf  # read by fused AdamW
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.samples_seen += train.global_batch_size
 
-    def _nonfinite_step(self, norm: torch.Tensor) -> TrainingDiverged:
+    def _nonfinite_step(self, after_step: int, norm: float) -> TrainingDiverged:
         return self._diverged(
-            f"the loss or gradient norm ({norm.item():.3g}) of the step after step "
-            f"{self.step} is not finite; that step was not applied"
+            f"the loss or gradient norm ({norm:.3g}) of the step after step "
+            f"{after_step} is not finite; that step was not applied"
         )
+
+    def _read_sums(self, now: bool) -> None:
+        """The host looks at the steps' sums: one step late, or all of them ``now``."""
+        bad = self.sums.read(now)
+        if bad is not None:
+            raise self._nonfinite_step(*bad)
+
+    def _boundary(self, stop: StopRequest) -> str | None:
+        """What every rank agreed at this step boundary: "failure", "signal" or None."""
+        self._read_sums(now=False)
+        return stop.settle(self.sums.take_agreed())
+
+    def save(self, tags: list[str], blocking: bool) -> None:
+        self._read_sums(now=True)  # nothing after a non-finite step is saved
+        super().save(tags, blocking)
 
     def _diverged(self, what: str) -> TrainingDiverged:
         return diverged(what, self.checkpoints.last_committed, self.config.train.lr)
@@ -122,7 +154,7 @@ class Trainer(TrainState):
         progress = Progress(self.total_steps, self.step, ctx.is_main)
         progress.message(f"{self.summary()}, {self.total_steps} steps, run {self.run.url}")
         # Handlers first: a signal during the first evaluation is honoured at the first boundary.
-        stop = StopRequest(ck.stop_signals if ck.save_on_signal else "", ck.grace_seconds)
+        self.stop = stop = StopRequest(ck.stop_signals if ck.save_on_signal else "", ck.grace_seconds)
         try:
             if self.step == 0:
                 self._evaluate_and_log(progress)
@@ -136,6 +168,7 @@ class Trainer(TrainState):
             raise
         finally:
             self.watchdog.close()
+            self.prefetch.close()
             stop.close()
             self.logs.ship()  # whatever ended training; a failure here was already reported
         return self.metrics
@@ -166,20 +199,26 @@ class Trainer(TrainState):
             window.add(loss, time.perf_counter() - started)
             if loss is not None:  # None: a replica step that was not committed (dtrain/replica_trainer.py)
                 self.checkpoints.poll()
+                logging = self.step % train.log_interval == 0 or self.finished
+                evaluating = bool(train.eval_interval and self.step % train.eval_interval == 0) or self.finished
+                ending = self.finished or bool(stop_at_step and self.step >= stop_at_step)
+                saving = not ending and self.checkpoints.due(self.step, epoch_before, self.sampler.epoch)
+                if logging or evaluating or ending:
+                    self._read_sums(now=True)  # where the host waits anyway; saves read them too
                 record = None
-                if self.step % train.log_interval == 0 or self.finished:
+                if logging:
                     record = self._train_record(*window.close(train.global_batch_size))
                     self._log("train", record)
                 progress.step(record)
                 tags = []
-                if (train.eval_interval and self.step % train.eval_interval == 0) or self.finished:
+                if evaluating:
                     tags += self._evaluate_and_log(progress)
-                if self.finished or (stop_at_step and self.step >= stop_at_step):
+                if ending:
                     break
-                if tags or self.checkpoints.due(self.step, epoch_before, self.sampler.epoch):
+                if tags or saving:
                     self.save(tags, blocking=False)
             # After any evaluation or save, so a signal during them is honoured right here.
-            verdict = stop.agree(failed=self.logs.failure is not None)
+            verdict = self._boundary(stop)
             if verdict == "failure":
                 on_every_rank(ctx, self.logs.raise_failure)  # every rank raises the failing rank's error
             if verdict == "signal" and self._stop_now():
