@@ -1,12 +1,14 @@
-"""Training throughput (samples/s) of the real trainer under torchrun, world sizes side by side.
+"""Training throughput (samples/s by wall-clock) of the real trainer against a plain FSDP2 loop.
 
-Runs ``torchrun --standalone --nproc_per_node=W -m dtrain.train`` for each world
-size, alternating them for several rounds so that machine noise hits all alike,
-and reports the median steady-state samples/s (the first logged window, which
-holds start-up, is dropped) and the ratio to world size 1.
+For each world size, runs ``torchrun --standalone --nproc_per_node=W -m dtrain.train`` and
+``benchmarks/plain_loop.py`` (the same model, data and AdamW, no checkpoints, logging or guards),
+alternating them for several rounds so that machine noise hits all alike. dtrain's rate is taken
+from the wall-clock times of its train lines, past the first quarter of the steps (start-up), so
+that logging, the step boundary and everything between steps count; the plain loop's likewise.
+Reports the medians and dtrain's ratio to the plain loop.
 
-    python benchmarks/train_throughput.py                 # CPU: W = 1, 2, preset small
-    python benchmarks/train_throughput.py --device cuda --preset medium --world-sizes 1
+    python benchmarks/train_throughput.py                        # CPU: tiny and small, W = 1, 2
+    python benchmarks/train_throughput.py --device cuda --presets medium --world-sizes 1
 """
 
 from __future__ import annotations
@@ -21,55 +23,66 @@ import tempfile
 from pathlib import Path
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+PLAIN = Path(__file__).with_name("plain_loop.py")
+STEPS = {"tiny": 600, "small": 80, "medium": 200, "large": 100}
 
 
-def measure(world: int, args) -> float:
+def torchrun(world: int, *command: str) -> str:
+    command_line = [TORCHRUN, "--standalone", f"--nproc_per_node={world}", *command]
+    return subprocess.run(command_line, check=True, capture_output=True, text=True).stdout
+
+
+def dtrain_rate(world: int, preset: str, steps: int, args) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
-        command = [
-            TORCHRUN,
-            "--standalone",
-            f"--nproc_per_node={world}",
+        torchrun(
+            world,
             "-m",
             "dtrain.train",
             "--preset",
-            args.preset,
+            preset,
             "--run-dir",
             run_dir,
-            f"--train.max_steps={args.steps}",
-            f"--train.log_interval={args.steps // 4}",
+            f"--train.max_steps={steps}",
+            f"--train.log_interval={steps // 4}",
             "--train.eval_interval=0",
+            "--checkpoint.interval_steps=0",
             "--data.val_samples=16",
             f"--train.device={args.device}",
             *args.extra,
-        ]
-        subprocess.run(command, check=True, capture_output=True, text=True)
+        )
         lines = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
-        windows = [r["samples_per_s"] for r in lines if r["kind"] == "train"][1:]
-        return statistics.median(windows)
+        train = [r for r in lines if r["kind"] == "train"]
+        first, last = train[0], train[-1]
+        return (last["samples_seen"] - first["samples_seen"]) / (last["time"] - first["time"])
+
+
+def plain_rate(world: int, preset: str, steps: int, args) -> float:
+    out = torchrun(world, str(PLAIN), "--preset", preset, "--steps", str(steps), "--device", args.device)
+    return json.loads(out.strip().splitlines()[-1])["samples_per_s"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small")
+    parser.add_argument("--presets", default="tiny,small")
     parser.add_argument("--world-sizes", default="1,2")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("extra", nargs="*", help="more trainer options, e.g. --train.precision=bf16")
     args = parser.parse_args()
     worlds = [int(w) for w in args.world_sizes.split(",")]
-    samples = {w: [] for w in worlds}
-    for _ in range(args.rounds):
+    print(f"device {args.device}, {args.rounds} rounds, samples/s by wall-clock, medians")
+    print("| preset | steps | world size | dtrain | plain FSDP2 loop | dtrain / plain | all rounds (dtrain / plain) |")
+    print("|---|---|---|---|---|---|---|")
+    for preset in args.presets.split(","):
+        steps = STEPS.get(preset, 100)
         for world in worlds:
-            samples[world].append(measure(world, args))
-    base = statistics.median(samples[worlds[0]])
-    print(f"preset {args.preset}, device {args.device}, {args.steps} steps, {args.rounds} rounds")
-    print(f"| world size | samples/s (median) | all rounds | vs W={worlds[0]} |")
-    print("|---|---|---|---|")
-    for world in worlds:
-        median = statistics.median(samples[world])
-        rounds = ", ".join(f"{s:.0f}" for s in samples[world])
-        print(f"| {world} | {median:.0f} | {rounds} | {median / base:.2f}x |")
+            ours, plain = [], []
+            for _ in range(args.rounds):
+                ours.append(dtrain_rate(world, preset, steps, args))
+                plain.append(plain_rate(world, preset, steps, args))
+            rounds = ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(ours, plain))
+            a, b = statistics.median(ours), statistics.median(plain)
+            print(f"| {preset} | {steps} | {world} | {a:.0f} | {b:.0f} | {a / b:.2f}x | {rounds} |", flush=True)
 
 
 if __name__ == "__main__":
