@@ -137,7 +137,21 @@ class CheckpointConfig:
     )
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "checkpoint": CheckpointConfig}
+@dataclass
+class MetricsConfig:
+    tensorboard: bool = opt(False, "also write the train and eval scalars as TensorBoard event files (rank 0)")
+    tensorboard_dir: str = opt(
+        "", "where the event files go; empty: RUN/tensorboard (a local directory: needed for s3:// runs)"
+    )
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "metrics": MetricsConfig,
+}
 SCHEDULES = ("constant", "linear", "cosine", "step", "warmup_decay")
 RESUME_CHOICES = ("latest", "best", "never", "restart")
 
@@ -148,6 +162,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     preset_name: str = "small"
 
     @classmethod

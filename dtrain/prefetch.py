@@ -13,7 +13,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from .data import make_examples, train_streams
 from .sampler import GlobalBatch
+
+
+def micro_batches(spec, data, micros: list[GlobalBatch], pin: bool) -> list[tuple]:
+    """Each micro-batch's points and targets, on the host (pinned for a GPU's non-blocking copy)."""
+    out = []
+    for micro in micros:
+        examples = make_examples(spec, data.seed, train_streams(data.mode, micro.epochs), micro.indices)
+        pair = examples["points"], examples["targets"]
+        out.append(tuple(t.pin_memory() for t in pair) if pin else pair)
+    return out
 
 
 class Prefetcher:

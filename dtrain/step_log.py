@@ -11,12 +11,28 @@ import torch
 import torch.distributed as dist
 
 from .errors import DtrainError
+from .rundir import METRICS
+from .tensorboard import TensorBoardLog
 
 
 class StepLog:
     def __init__(self, run):
         self.run = run
         self.failure: DtrainError | None = None  # this rank's, until the boundary agrees on it
+        self.tensorboard: TensorBoardLog | None = None  # rank 0's, with --metrics.tensorboard
+
+    def open_tensorboard(self, directory: str, resumed_step: int) -> None:
+        self.tensorboard = TensorBoardLog(self.run.url, directory, resumed_step)
+
+    def metric(self, kind: str, record: dict) -> None:
+        """A train or eval record (rank 0): a metrics.jsonl line, and TensorBoard's scalars."""
+        self.write(METRICS, {"kind": kind, **record})
+        if self.tensorboard is not None:
+            self.tensorboard.log(kind, record)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def write(self, name: str, record: dict) -> None:
         if self.failure is None:

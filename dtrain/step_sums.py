@@ -14,6 +14,7 @@ boundary, at most one step after it was made.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -23,8 +24,8 @@ STOP_CODES = (3, 2, 1)  # a failure, a lost agent, a signal (dtrain/preempt.py):
 
 
 class StepSums:
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, nonfinite: Callable[[int, float], Exception]):
+        self.device, self.nonfinite = device, nonfinite  # nonfinite(previous step, norm): the error to raise
         self._unread: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
         self.agreed = 0  # the weightiest stop request read since the last boundary
 
@@ -53,9 +54,9 @@ class StepSums:
         done.record()
         return host, done
 
-    def read(self, now: bool) -> tuple[int, float] | None:
-        """Host: the sums of every unread step but the newest (all of them with ``now``). Returns the
-        first non-finite step's (previous step, gradient norm); keeps the weightiest stop request."""
+    def read(self, now: bool) -> None:
+        """Host: the sums of every unread step but the newest (all of them with ``now``); raises at a
+        non-finite step, keeps the weightiest stop request."""
         while len(self._unread) > (0 if now else 1):
             step, host, done = self._unread.pop(0)
             if done is not None:
@@ -66,8 +67,7 @@ class StepSums:
                     self.agreed = max(self.agreed, code)
             if nonfinite or not math.isfinite(norm_sq):
                 self._unread.clear()
-                return step, math.sqrt(norm_sq) if norm_sq >= 0 else norm_sq
-        return None
+                raise self.nonfinite(step, math.sqrt(norm_sq) if norm_sq >= 0 else norm_sq)
 
     def take_agreed(self) -> int:
         agreed, self.agreed = self.agreed, 0

@@ -28,6 +28,7 @@ from .replicas import FaultTolerance
 from .resume import changed_keys, refusal
 from .rundir import CONFIG, RunDirectory
 from .startup import CLOCK, StartupClock
+from .tensorboard import check_tensorboard
 from .trainer import Trainer
 
 CLOCK.mark("imported")
@@ -93,7 +94,7 @@ def _plan_run(
                 f"--resume={resume}: {run.url} holds no committed checkpoint to resume; drop --resume to start the run"
             )
         config = settings.resolve()
-        notes.append(_admit(config, world_size, device, lease))
+        notes.append(_admit(config, run.url, world_size, device, lease))
         run.write_text(CONFIG, config.to_json() + "\n")
         if resume == "restart":
             notes.append(
@@ -117,14 +118,16 @@ def _plan_run(
     config = settings.apply(copy.deepcopy(stored))
     if problem := refusal(stored, config, settings.preset):
         raise ConfigError(problem)
-    notes.append(_admit(config, world_size, device, lease))
+    notes.append(_admit(config, run.url, world_size, device, lease))
     return {"config": config.to_dict(), "changed": changed_keys(stored, config), "notes": [n for n in notes if n]}
 
 
-def _admit(config: ExperimentConfig, world_size: int, device: torch.device, lease: RunLease) -> str:
-    """The last checks before a start writes anything: the config works on this world size, the
-    model fits this host, and this job holds the run directory (returns the lease's note)."""
+def _admit(config: ExperimentConfig, run_url: str, world_size: int, device: torch.device, lease: RunLease) -> str:
+    """The last checks before a start writes anything: the config works on this world size and
+    run directory, the model fits this host, and this job holds the run directory (returns the
+    lease's note)."""
     validate(config, world_size)
+    check_tensorboard(config.metrics, run_url)
     check_fits(config.model, config.data.dim, world_size, device)
     return lease.acquire()
 

@@ -11,15 +11,14 @@ import numpy as np
 import torch
 
 from .config import ExperimentConfig
-from .data import make_examples, train_streams
 from .dist import DistContext, broadcast_from_main, on_every_rank, on_main
 from .errors import TrainingDiverged
 from .finite import diverged
 from .metrics import squared_error
 from .preempt import StopRequest
-from .prefetch import Prefetcher
+from .prefetch import Prefetcher, micro_batches
 from .progress import Progress
-from .rundir import METRICS, RunDirectory
+from .rundir import RunDirectory
 from .sampler import GlobalBatch
 from .step_log import LossWindow
 from .step_sums import StepSums
@@ -42,21 +41,13 @@ class Trainer(TrainState):
         self.leg = ""  # id of this start of the run: sample records of rolled-back steps are told apart by it
         self.startup: dict = {}  # wall-clock marks of this start (dtrain/startup.py), for its event
         self.validate = Validator(config, ctx)
-        self.sums = StepSums(ctx.device)
+        self.sums = StepSums(ctx.device, self._nonfinite_step)
         self.prefetch = Prefetcher(self._micro_batches)
         self.stop = StopRequest("")  # fit() installs the real one
 
     def _micro_batches(self, share: GlobalBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``share``'s points and targets per micro-batch, on the host (pinned for a GPU's
-        non-blocking copy); runs in the prefetch thread too."""
-        out = []
-        for micro in share.split(self.accumulation):
-            examples = make_examples(
-                self.spec, self.config.data.seed, train_streams(self.config.data.mode, micro.epochs), micro.indices
-            )
-            pair = examples["points"], examples["targets"]
-            out.append(tuple(t.pin_memory() for t in pair) if self.ctx.device.type == "cuda" else pair)
-        return out
+        pin = self.ctx.device.type == "cuda"
+        return micro_batches(self.spec, self.config.data, share.split(self.accumulation), pin)
 
     def train_step(self) -> torch.Tensor | None:
         """One optimizer step over the next global batch; returns this rank's loss sum."""
@@ -117,20 +108,17 @@ class Trainer(TrainState):
             f"{after_step} is not finite; that step was not applied"
         )
 
-    def _read_sums(self, now: bool) -> None:
-        """The host looks at the steps' sums: one step late, or all of them ``now``."""
-        bad = self.sums.read(now)
-        if bad is not None:
-            raise self._nonfinite_step(*bad)
-
     def _boundary(self, stop: StopRequest) -> str | None:
         """What every rank agreed at this step boundary: "failure", "signal" or None."""
-        self._read_sums(now=False)
+        self.sums.read(now=False)
         return stop.settle(self.sums.take_agreed())
 
     def save(self, tags: list[str], blocking: bool) -> None:
-        self._read_sums(now=True)  # nothing after a non-finite step is saved
+        self.sums.read(now=True)  # nothing after a non-finite step is saved
+        started = time.perf_counter()
         super().save(tags, blocking)
+        if self.logs.tensorboard is not None:
+            self.logs.tensorboard.checkpoint(self.step, time.perf_counter() - started)
 
     def _diverged(self, what: str) -> TrainingDiverged:
         return diverged(what, self.checkpoints.last_committed, self.config.train.lr)
@@ -140,7 +128,7 @@ class Trainer(TrainState):
 
     def _log(self, kind: str, record: dict) -> None:
         if self.ctx.is_main:
-            self.logs.write(METRICS, {"kind": kind, **record})
+            self.logs.metric(kind, record)
 
     def fit(self, stop_at_step: int | None = None) -> dict:
         """Train to the planned end (or ``stop_at_step``), saving on the way.
@@ -150,6 +138,8 @@ class Trainer(TrainState):
         """
         ctx, ck = self.ctx, self.config.checkpoint
         self.leg = broadcast_from_main(ctx, uuid.uuid4().hex[:12] if ctx.is_main else None)
+        if self.config.metrics.tensorboard:  # rank 0's writer; its one-line error is every rank's
+            on_main(ctx, lambda: self.logs.open_tensorboard(self.config.metrics.tensorboard_dir, self.step))
         self._announce_start({**self.describe(), "startup": self.startup})
         progress = Progress(self.total_steps, self.step, ctx.is_main)
         progress.message(f"{self.summary()}, {self.total_steps} steps, run {self.run.url}")
@@ -169,21 +159,14 @@ class Trainer(TrainState):
         finally:
             self.watchdog.close()
             self.prefetch.close()
+            self.logs.close()
             stop.close()
             self.logs.ship()  # whatever ended training; a failure here was already reported
         return self.metrics
 
     def _announce_start(self, fields: dict) -> None:
-        on_main(
-            self.ctx,
-            lambda: self.run.event(
-                "start" if self.step == 0 else "resume",
-                step=self.step,
-                leg=self.leg,
-                samples_seen=self.samples_seen,
-                **fields,
-            ),
-        )
+        fields = {"step": self.step, "leg": self.leg, "samples_seen": self.samples_seen, **fields}
+        on_main(self.ctx, lambda: self.run.event("start" if self.step == 0 else "resume", **fields))
 
     def _loop(self, progress: Progress, stop: StopRequest, stop_at_step: int | None) -> None:
         """Steps until the end, ``stop_at_step`` or an agreed stop; then the last, synchronous save."""
@@ -204,7 +187,7 @@ class Trainer(TrainState):
                 ending = self.finished or bool(stop_at_step and self.step >= stop_at_step)
                 saving = not ending and self.checkpoints.due(self.step, epoch_before, self.sampler.epoch)
                 if logging or evaluating or ending:
-                    self._read_sums(now=True)  # where the host waits anyway; saves read them too
+                    self.sums.read(now=True)  # where the host waits anyway; saves read them too
                 record = None
                 if logging:
                     record = self._train_record(*window.close(train.global_batch_size))
@@ -237,23 +220,10 @@ class Trainer(TrainState):
         self.checkpoints.close()
         self.logs.ship()
         on_every_rank(ctx, self.logs.raise_failure)  # a log line that could not be written: say so now
-        reason = (
-            {"reason": self.stopped_by_signal, "requested": stop.received_time, "agreed": agreed}
-            if self.stopped_by_signal
-            else {}
-        )
-        fields = self._end_fields()  # collective where it gathers from every rank
-        on_main(
-            ctx,
-            lambda: self.run.event(
-                "end" if self.finished else "stop",
-                step=self.step,
-                samples_seen=self.samples_seen,
-                **reason,
-                **self.metrics,
-                **fields,
-            ),
-        )
+        fields = {"step": self.step, "samples_seen": self.samples_seen, **self.metrics, **self._end_fields()}
+        if self.stopped_by_signal:
+            fields.update(reason=self.stopped_by_signal, requested=stop.received_time, agreed=agreed)
+        on_main(ctx, lambda: self.run.event("end" if self.finished else "stop", **fields))
 
     def _train_record(self, loss: float, samples_per_s: float) -> dict:
         at = {"step": self.step, "leg": self.leg, "epoch": self.sampler.epoch, "time": time.time()}

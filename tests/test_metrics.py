@@ -1,5 +1,7 @@
 import numpy as np
+import pytest
 import torch
+from conftest import launch, read_jsonl
 
 from dtrain.metrics import kmeans_centres, set_mean_centres, squared_error, wasserstein
 
@@ -26,3 +28,29 @@ def test_trivial_predictor_and_squared_error():
     points = torch.tensor([[[0.0, 0.0], [2.0, 4.0]]])
     assert torch.equal(set_mean_centres(points), torch.tensor([[[1.0, 2.0], [1.0, 2.0]]]))
     assert squared_error(points, torch.zeros_like(points)).item() == 5.0
+
+
+def test_tensorboard_curves_hold_each_step_once_across_a_resume_that_rolls_back(tmp_path):
+    """A start that resumes from step 8 after a first one drew up to 12: TensorBoard's own reader
+    finds each step once, with the values of the start that trained it last."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    common = [
+        *("--preset", "tiny", "--run-dir", str(run_dir), "--train.log_interval=2", "--train.eval_interval=4"),
+        *("--checkpoint.interval_steps=8", "--metrics.tensorboard=true"),
+    ]
+    assert launch([*common, "--train.max_steps=12"]).returncode == 0
+    again = launch([*common, "--train.max_steps=20", "--resume", "8"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    curves = EventAccumulator(str(run_dir / "tensorboard"))
+    curves.Reload()
+    latest = {(r["kind"], r["step"]): r for r in read_jsonl(run_dir / "metrics.jsonl")}  # later lines win
+    loss = curves.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(2, 21, 2))
+    assert all(e.value == pytest.approx(latest["train", e.step]["loss"]) for e in loss)
+    val = curves.Scalars("eval/val_mse")
+    assert [e.step for e in val] == [0, 4, 8, 12, 16, 20]
+    assert all(e.value == pytest.approx(latest["eval", e.step]["val_mse"]) for e in val)
+    saved = sorted({e["step"] for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "checkpoint"})
+    assert [e.step for e in curves.Scalars("checkpoint/blocked_s")] == saved == [4, 8, 12, 16, 20]  # once each
