@@ -154,6 +154,7 @@ def run_mode(save_on_signal: bool, args) -> dict:
         "survived": survived,
         "step_time": step_time,
         "useful": survived * step_time / spent,
+        "reported": report["goodput"],  # `dtrain report`'s figure for the same run (dtrain/goodput.py)
         "lost": statistics.mean(lost),
         "phases": {name: statistics.median(v) if v else None for name, v in phases.items()},
     }
@@ -210,12 +211,16 @@ def main() -> None:
         f"2 ranks, small preset, preempted every {args.every:g} s, {args.budget:g} s per mode, "
         f"checkpoint every {args.interval} steps {' '.join(args.extra)}"
     )
-    print("| mode | preemptions | steps kept | step (s) | useful fraction of wall-clock | steps lost per preemption |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| mode | preemptions | steps kept | step (s) | useful fraction of wall-clock | steps lost per preemption "
+        "| `dtrain report`: goodput, wall (s) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
+        reported = r["reported"]
         print(
             f"| {name} | {r['preemptions']} | {r['survived']} | {r['step_time']:.3f} | {r['useful']:.1%} | "
-            f"{r['lost']:.1f} |"
+            f"{r['lost']:.1f} | {reported['goodput']:.1%}, {reported['wall_s']:.0f} of {r['wall']:.0f} |"
         )
     print()
     print("| phase (s, median) | " + " | ".join(results) + " |")

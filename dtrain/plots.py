@@ -25,7 +25,19 @@ def plot_run(run: RunDirectory | str, path: str) -> Path:
         r for r in metrics if r.get("kind") == "eval" and numbers(r, "step", "val_mse", "kmeans_mse", "trivial_mse")
     ]
     report = check_run(run)
-    figure, ax = plt.subplots(figsize=(9, 5))
+    spent = report.get("goodput")
+    figure, (ax, bar) = plt.subplots(2, 1, figsize=(9, 6), height_ratios=[5, 1] if spent else [5, 0.01])
+    if spent:  # where the wall-clock went (dtrain/goodput.py), one stacked bar
+        left = 0.0
+        parts = {"productive": spent["productive_s"], **{k: max(v, 0.0) for k, v in spent["badput_s"].items()}}
+        for name, seconds in parts.items():
+            bar.barh(0, seconds, left=left, label=f"{name} {seconds:.1f} s")
+            left += seconds
+        bar.set_yticks([])
+        bar.set_xlabel(f"wall-clock seconds: goodput {spent['goodput']:.1%}")
+        bar.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.9))
+    else:
+        bar.set_axis_off()
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.7, label="training loss (MSE)")
     if evals:
         ax.plot([r["step"] for r in evals], [r["val_mse"] for r in evals], "o-", ms=3, label="validation MSE")

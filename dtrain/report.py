@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from .goodput import format_goodput, goodput
 from .rundir import METRICS, SAMPLES, RunDirectory
 
 
@@ -78,6 +79,8 @@ def check_run(run: RunDirectory | str) -> dict:
     report["coverage"], rolled_back = _coverage(run, legs, replica_events)
     report["steps_lost"] += rolled_back
     report["checkpoints"] = _checkpoints(run)
+    last_commit = report["checkpoints"].pop("newest_step")
+    report["goodput"] = None if replica_events else goodput(legs, events, run.read_jsonl(METRICS), last_commit)
     report["ok"] = report["checkpoints"]["unloadable"] == 0 and all(
         e["duplicates"] == 0 and e["missing"] == 0 for e in report["coverage"].values()
     )
@@ -183,7 +186,9 @@ def _checkpoints(run: RunDirectory) -> dict:
     catalog = run.catalog()
     listing = catalog.scan()
     bad = {m.directory: problems for m in listing.committed if (problems := catalog.problems(m))}
+    trained = listing.trained
     return {
+        "newest_step": trained[-1].step if trained else None,
         "committed": len(listing.committed),
         "torn": len(listing.torn),
         "unloadable": len(bad),
@@ -216,6 +221,8 @@ def format_report(report: dict) -> str:
             f"  epoch {epoch}: {entry['samples']} samples, {entry['duplicates']} repeated, "
             f"{entry['missing']} missing: {verdict}"
         )
+    if report.get("goodput"):
+        lines += format_goodput(report["goodput"])
     ck = report["checkpoints"]
     lines.append(
         f"  checkpoints: {ck['committed']} committed, {ck['unloadable']} unloadable, {ck['torn']} torn, "

@@ -240,11 +240,13 @@ class Trainer(TrainState):
 
     def _evaluate_and_log(self, progress: Progress) -> list[str]:
         """Validate, log, and return ["best"] when this is a new best worth saving."""
+        started = time.perf_counter()
         with self.watchdog.not_counted():
             self.metrics = metrics = self.evaluate()
         if not math.isfinite(metrics["val_mse"]):  # every rank has the same all-reduced metrics
             raise self._diverged(f"validation MSE at step {self.step} is {metrics['val_mse']}")
-        self._log("eval", {"step": self.step, "samples_seen": self.samples_seen, **metrics})
+        seconds = {"eval_s": time.perf_counter() - started}  # for goodput (dtrain/goodput.py)
+        self._log("eval", {"step": self.step, "samples_seen": self.samples_seen, **metrics, **seconds})
         progress.message(f"step {self.step}: {scores_line(metrics)}")
         if self.step == 0 or not metrics["val_mse"] < self.counters.best["val_mse"]:
             return []
