@@ -1,11 +1,13 @@
 """Training throughput (samples/s by wall-clock) of the real trainer against a plain FSDP2 loop.
 
-For each world size, runs ``torchrun --standalone --nproc_per_node=W -m dtrain.train`` and
+Two measures. First, whole runs: for each world size, runs ``torchrun --standalone --nproc_per_node=W -m dtrain.train`` and
 ``benchmarks/plain_loop.py`` (the same model, data and AdamW, no checkpoints, logging or guards),
 alternating them for several rounds so that machine noise hits all alike. dtrain's rate is taken
 from the wall-clock times of its train lines, past the first quarter of the steps (start-up), so
 that logging, the step boundary and everything between steps count; the plain loop's likewise.
-Reports the medians and dtrain's ratio to the plain loop.
+Reports the medians and dtrain's ratio to the plain loop. Then, because this machine's speed
+drifts more between runs than the difference being measured, dtrain's step and the plain step
+in turn in one process (benchmarks/step_ab.py), the median of the per-round ratios.
 
     python benchmarks/train_throughput.py                        # CPU: tiny and small, W = 1, 2
     python benchmarks/train_throughput.py --device cuda --presets medium --world-sizes 1
@@ -24,7 +26,9 @@ from pathlib import Path
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
 PLAIN = Path(__file__).with_name("plain_loop.py")
-STEPS = {"tiny": 600, "small": 80, "medium": 200, "large": 100}
+AB = Path(__file__).with_name("step_ab.py")
+BLOCK = {"tiny": 100, "small": 5}  # steps per block of the in-process comparison
+STEPS = {"tiny": 800, "small": 120, "medium": 200, "large": 100}
 
 
 def torchrun(world: int, *command: str) -> str:
@@ -56,6 +60,11 @@ def dtrain_rate(world: int, preset: str, steps: int, args) -> float:
         return (last["samples_seen"] - first["samples_seen"]) / (last["time"] - first["time"])
 
 
+def step_ratio(world: int, preset: str, args) -> dict:
+    out = torchrun(world, str(AB), "--preset", preset, "--device", args.device, "--block", str(BLOCK.get(preset, 10)))
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def plain_rate(world: int, preset: str, steps: int, args) -> float:
     out = torchrun(world, str(PLAIN), "--preset", preset, "--steps", str(steps), "--device", args.device)
     return json.loads(out.strip().splitlines()[-1])["samples_per_s"]
@@ -83,6 +92,14 @@ def main() -> None:
             rounds = ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(ours, plain))
             a, b = statistics.median(ours), statistics.median(plain)
             print(f"| {preset} | {steps} | {world} | {a:.0f} | {b:.0f} | {a / b:.2f}x | {rounds} |", flush=True)
+    print("\nIn one process, blocks of steps in turn (benchmarks/step_ab.py), dtrain / plain:")
+    print("| preset | world size | median of rounds | rounds |")
+    print("|---|---|---|---|")
+    for preset in args.presets.split(","):
+        for world in worlds:
+            ab = step_ratio(world, preset, args)
+            rounds = ", ".join(f"{r:.2f}" for r in ab["rounds"])
+            print(f"| {preset} | {world} | {ab['ratio']:.3f}x | {rounds} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class Trainer(TrainState):
         self.validate = Validator(config, ctx)
         self.sums = StepSums(ctx.device, self._nonfinite_step)
         self.prefetch = Prefetcher(self._micro_batches)
+        self.prefetching = ctx.device.type == "cuda"  # on CPU the step's threads hold every core (docs/how-it-works.md)
         self.stop = StopRequest("")  # fit() installs the real one
 
     def _micro_batches(self, share: GlobalBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -58,7 +59,8 @@ class Trainer(TrainState):
             record = {"step": self.step, "leg": self.leg, "world_size": ctx.world_size, **mine.record()}
             self.logs.write(f"samples/rank_{ctx.rank}.jsonl", record)
         micro_batches = self.prefetch.take(mine)
-        self.prefetch.start(copy.copy(self.sampler).take(train.global_batch_size).deal(ctx.rank, ctx.world_size))
+        if self.prefetching:
+            self.prefetch.start(copy.copy(self.sampler).take(train.global_batch_size).deal(ctx.rank, ctx.world_size))
         # FSDP averages over ranks; dividing by the rank's share makes it a global-batch mean.
         loss_sum = self._forward_backward(micro_batches, len(mine))
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

@@ -3,8 +3,11 @@ tensor's value on the host and one small collective of dtrain's own per step; a 
 skipped on the device and stopped at the next host read, nothing non-finite saved."""
 
 import json
+import os
+import subprocess
+import sys
 
-from conftest import read_jsonl, torchrun_script
+from conftest import HELPERS, read_jsonl, torchrun_script
 
 
 def test_a_step_reads_nothing_on_the_host_makes_one_small_collective_and_skips_a_non_finite_update(tmp_path):
@@ -28,3 +31,16 @@ def test_a_step_reads_nothing_on_the_host_makes_one_small_collective_and_skips_a
     saves = [e["step"] for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "checkpoint"]
     assert saves == [4, 8]
     assert read_jsonl(run_dir / "events.jsonl")[-1]["event"] == "diverged"
+
+
+def test_examples_made_ahead_train_exactly_as_examples_made_on_time(tmp_path):
+    """A GPU's prefetch thread, forced on here: the same weights, AdamW state and sampler position
+    after every step as making each batch on time (the sampler counts only what a step takes)."""
+    result = subprocess.run(
+        [sys.executable, str(HELPERS / "prefetch_equal.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(HELPERS.parent.parent)},
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "equal", result.stdout + result.stderr[-2000:]
