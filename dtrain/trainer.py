@@ -43,6 +43,7 @@ class Trainer(TrainState):
         self.validate = Validator(config, ctx)
         self.sums = StepSums(ctx.device, self._nonfinite_step)
         self.prefetch = Prefetcher(self._micro_batches)
+        self.params = list(self.model.parameters())  # fixed after fully_shard
         self.prefetching = ctx.device.type == "cuda"  # on CPU the step's threads hold every core (docs/how-it-works.md)
         self.stop = StopRequest("")  # fit() installs the real one
 
@@ -63,7 +64,7 @@ class Trainer(TrainState):
             self.prefetch.start(copy.copy(self.sampler).take(train.global_batch_size).deal(ctx.rank, ctx.world_size))
         # FSDP averages over ranks; dividing by the rank's share makes it a global-batch mean.
         loss_sum = self._forward_backward(micro_batches, len(mine))
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.params if p.grad is not None]
         # The step's one small all-reduce; a non-finite step is skipped on the device, and the host
         # reads the sums a step later (dtrain/step_sums.py).
         norm, found_inf = self.sums.reduce(self.step, grads, loss_sum, self.stop.code(self.logs.failure is not None))
@@ -76,12 +77,15 @@ class Trainer(TrainState):
         lr = self.schedule(self.samples_seen + train.global_batch_size)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        torch.manual_seed(step_seed(train.seed, self.step, ctx.rank))
-        self.model.train()
+        if self.config.model.dropout:  # the only randomness of a step (about 0.1 ms: not without it)
+            torch.manual_seed(step_seed(train.seed, self.step, ctx.rank))
+        if not self.model.training:  # after an evaluation (a walk over every module: not each step)
+            self.model.train()
         loss_sum = torch.zeros((), device=ctx.device)
         for i, (points, targets) in enumerate(micro_batches):
             # Reduce-scatter gradients once per step, on the last micro-batch.
-            self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            if len(micro_batches) > 1:  # it walks every module: only when accumulating
+                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             predicted = self.model(points.to(ctx.device, non_blocking=True))
             per_example = squared_error(predicted, targets.to(ctx.device, non_blocking=True))
             (per_example.sum() / divisor).backward()
@@ -96,7 +100,7 @@ class Trainer(TrainState):
         """Clip, step the optimizer (no update where ``found_inf`` is set) and count the step."""
         train = self.config.train
         if train.grad_clip:
-            torch.nn.utils.clip_grads_with_norm_(list(self.model.parameters()), train.grad_clip, norm)
+            torch.nn.utils.clip_grads_with_norm_(self.params, train.grad_clip, norm)
         self.checkpoints.wait_for_staging()  # a background save copies the state during fwd/bwd
         self.optimizer.found_inf = found_inf  # read by fused AdamW
         self.optimizer.step()
