@@ -1,13 +1,14 @@
 """Training throughput (samples/s by wall-clock) of the real trainer against a plain FSDP2 loop.
 
-Two measures. First, whole runs: for each world size, runs ``torchrun --standalone --nproc_per_node=W -m dtrain.train`` and
-``benchmarks/plain_loop.py`` (the same model, data and AdamW, no checkpoints, logging or guards),
-alternating them for several rounds so that machine noise hits all alike. dtrain's rate is taken
-from the wall-clock times of its train lines, past the first quarter of the steps (start-up), so
-that logging, the step boundary and everything between steps count; the plain loop's likewise.
-Reports the medians and dtrain's ratio to the plain loop. Then, because this machine's speed
-drifts more between runs than the difference being measured, dtrain's step and the plain step
-in turn in one process (benchmarks/step_ab.py), the median of the per-round ratios.
+Two measures. First, whole runs: for each world size, runs
+``torchrun --standalone --nproc_per_node=W -m dtrain.train`` and ``benchmarks/plain_loop.py``
+(the same model, data and AdamW, no checkpoints, logging or guards), alternating them for several
+rounds so that machine noise hits all alike. dtrain's rate is taken from the wall-clock times of
+its train lines, past the first quarter of the steps (start-up), so that logging, the step
+boundary and everything between steps count; the plain loop's likewise. Reports the medians and
+dtrain's ratio to the plain loop. Then, because this machine's speed drifts more between runs than
+the difference being measured, dtrain's step and the plain step in turn in one process
+(benchmarks/step_ab.py), the median of the per-round ratios.
 
     python benchmarks/train_throughput.py                        # CPU: tiny and small, W = 1, 2
     python benchmarks/train_throughput.py --device cuda --presets medium --world-sizes 1
