@@ -123,18 +123,19 @@ class ReplicaTrainer(Trainer):
 
     def _check_not_overtaken(self) -> None:
         """A group that resumed from the newest commit and met nobody ahead of it at its first quorum
-        must still hold the newest commit: groups that committed a later one while it started, and
-        then left (or finished the run), are not there to heal it, and training on would redo their
-        steps from an older state."""
+        must not train a run that finished while it started: the groups that finished it are gone,
+        and it would train the last steps again and end the run twice. (A newer commit that is not
+        the end is left alone: going on from the older one rolls the steps after it back, as any
+        start from a checkpoint does.)"""
         if self._resumed_from is None:
             return
         listing = on_main(self.ctx, self.checkpoints.catalog.scan)
         newest = listing.candidates("latest")
-        if newest and newest[0].directory != self._resumed_from:
+        if newest and newest[0].directory != self._resumed_from and "final" in newest[0].tags:
             raise ReplicaError(
                 f"replica group {self.ft.replica_id} resumed from {self._resumed_from or 'no checkpoint'}, "
-                f"but {newest[0].directory} was committed since by groups that are gone; it stops without "
-                "training: start it again to resume from there"
+                f"but the run finished meanwhile ({newest[0].directory}); it stops without training "
+                "(started again, it finds the run done)"
             )
 
     def train_step(self) -> torch.Tensor | None:

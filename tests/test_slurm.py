@@ -145,9 +145,9 @@ def test_replica_groups_under_slurm_heal_a_crashed_group_in_place(tmp_path):
             str(REPO / "launch/slurm-replicas.sbatch"),
             "--preset",
             "tiny",
-            # 1,000 steps: the survivor trains about 30 steps a second here, and the crashed
-            # group's restart through srun must find it still running (300 steps once did not).
-            "--data.train_samples=16000",
+            # 2,000 steps: the survivor trains 30-60 steps a second here, and the crashed group's
+            # restart through srun must find it still running (300 steps once did not).
+            "--data.train_samples=32000",
             "--train.global_batch_size=16",
             "--train.max_steps=0",
             "--train.num_epochs=1",
