@@ -33,14 +33,13 @@ def goodput(legs: list[dict], events: list[dict], metrics: list[dict], last_comm
     if not legs or not times:
         return None
     badput = dict.fromkeys(CATEGORIES, 0.0)
-    productive, step_times = 0.0, {}
+    productive = 0.0
     for i, leg in enumerate(legs):
         start = starts.get(leg["leg"], {})
         batch = start.get("global_batch_size")
         rates = [r["samples_per_s"] for r in metrics if r.get("kind") == "train" and r.get("leg") == leg["leg"]]
-        if batch and rates:
-            step_times[leg["leg"]] = statistics.mean(batch / rate for rate in (rates[1:] or rates) if rate > 0)
-        step_time = step_times.get(leg["leg"], 0.0)
+        steady = [batch / rate for rate in (rates[1:] or rates) if rate > 0] if batch else []
+        step_time = statistics.mean(steady) if steady else 0.0
         following = legs[i + 1] if i + 1 < len(legs) else None
         kept_until = min(leg["last_step"], following["from_step"]) if following else leg["last_step"]
         lost = leg["lost_steps"]

@@ -20,9 +20,10 @@ def check_run(run: RunDirectory | str) -> dict:
     run = run if isinstance(run, RunDirectory) else RunDirectory(run)
     run.check_holds_run()
     events = run.events()
+    metrics = run.read_jsonl(METRICS)  # once: on object stores each read is a GET
     train = [
         r
-        for r in run.read_jsonl(METRICS)
+        for r in metrics
         if r.get("kind") == "train" and isinstance(r.get("leg"), str) and isinstance(r.get("step"), int)
     ]
     events = [e for e in events if isinstance(e.get("step", 0), int)]
@@ -78,9 +79,8 @@ def check_run(run: RunDirectory | str) -> dict:
         report.update(_replica_legs(replica_events))
     report["coverage"], rolled_back = _coverage(run, legs, replica_events)
     report["steps_lost"] += rolled_back
-    report["checkpoints"] = _checkpoints(run)
-    last_commit = report["checkpoints"].pop("newest_step")
-    report["goodput"] = None if replica_events else goodput(legs, events, run.read_jsonl(METRICS), last_commit)
+    report["checkpoints"], last_commit = _checkpoints(run)
+    report["goodput"] = None if replica_events else goodput(legs, events, metrics, last_commit)
     report["ok"] = report["checkpoints"]["unloadable"] == 0 and all(
         e["duplicates"] == 0 and e["missing"] == 0 for e in report["coverage"].values()
     )
@@ -182,13 +182,13 @@ def _replica_steps(records: list[dict], events: list[dict]) -> tuple[dict[int, d
     return steps, conflicts, len(rolled_back)
 
 
-def _checkpoints(run: RunDirectory) -> dict:
+def _checkpoints(run: RunDirectory) -> tuple[dict, int | None]:
+    """The checkpoints' summary, and the newest committed step of training (None without one)."""
     catalog = run.catalog()
     listing = catalog.scan()
     bad = {m.directory: problems for m in listing.committed if (problems := catalog.problems(m))}
     trained = listing.trained
-    return {
-        "newest_step": trained[-1].step if trained else None,
+    summary = {
         "committed": len(listing.committed),
         "torn": len(listing.torn),
         "unloadable": len(bad),
@@ -196,6 +196,7 @@ def _checkpoints(run: RunDirectory) -> dict:
         "rejected": len(listing.rejected),
         "problems": bad,
     }
+    return summary, trained[-1].step if trained else None
 
 
 def format_report(report: dict) -> str:
