@@ -182,6 +182,25 @@ def test_retention_counts_commits_in_commit_order_and_keeps_what_may_be_a_lost_c
     assert listing.torn == {"step_00000020": True}  # never removed automatically
 
 
+def test_a_scan_reads_only_manifests_it_has_not_parsed_and_sees_a_rewritten_one(tmp_path):
+    for step in (10, 20, 30):
+        fake_checkpoint(CheckpointCatalog(str(tmp_path / "checkpoints")), step)
+    catalog = CheckpointCatalog(str(tmp_path / "checkpoints"), keep_last=5)
+    reads = []
+    read = catalog.fs.cat_file
+    catalog.fs.cat_file = lambda path, *a, **k: reads.append(path.rsplit("/", 2)[-2]) or read(path, *a, **k)
+    catalog.scan()
+    fake_checkpoint(catalog, 40)
+    catalog.scan(), catalog.scan()  # as a save's scans (a free name, the sequence, retention)
+    assert reads == ["step_00000010", "step_00000020", "step_00000030", "step_00000040"]
+    reads.clear()
+    text = catalog.fs.cat_file(catalog.directory("step_00000020/manifest.json"))
+    catalog.write_manifest("step_00000020", text.decode().replace('"tags":[]', '"tags":["mine"]'))
+    listing = catalog.scan()
+    assert reads == ["step_00000020", "step_00000020"]  # the read just above, then the changed file only
+    assert [m.tags for m in listing.committed] == [[], ["mine"], [], []]
+
+
 def test_async_saves_hold_the_state_of_their_step(tmp_path):
     """Training goes on while an async save copies and writes the state: it must still capture
     its own step's weights and optimizer state, even when the copy is slower than a step."""

@@ -111,6 +111,13 @@ class Listing:
         return line + [m for m in newest_first if m not in line]
 
 
+def _version(info: dict) -> tuple | None:
+    """What changes when a file is rewritten, from a listing's entry (local or object store);
+    None where the store says nothing usable (then the manifest is read every time)."""
+    marker = info.get("ETag") or info.get("mtime") or info.get("LastModified")
+    return (info.get("size"), info.get("ino"), str(marker)) if marker is not None else None
+
+
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -133,6 +140,10 @@ class CheckpointCatalog:
         self.keep_last, self.keep_every = keep_last, keep_every
         self.commit_log = commit_log  # directories the run's events record as committed (None: unknown)
         self.fs, self.root = self.storage.filesystem(self.url)
+        # Parsed manifests by (directory, the listing's size and version of manifest.json). A
+        # manifest is written once, so a save's three scans (a free name, the next sequence,
+        # retention) read only the new one, not every kept checkpoint's again.
+        self._parsed: dict[tuple, Manifest] = {}
 
     def directory(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -159,14 +170,17 @@ class CheckpointCatalog:
                     entry["other"].append(parts[1] + "/")
                 else:
                     entry["files"].add(parts[1])
+                    if parts[1] == MANIFEST:
+                        entry["version"] = _version(info)
+            known, self._parsed = self._parsed, {}  # keeps what this listing still holds
             for name, entry in entries.items():
-                self._classify(name, entry, listing)
+                self._classify(name, entry, listing, known)
             if any(listing.torn.values()) and self.commit_log is not None:
                 listing.ever_committed = self.commit_log()
         listing.committed.sort(key=lambda m: m.order)
         return listing
 
-    def _classify(self, name: str, entry: dict, listing: Listing) -> None:
+    def _classify(self, name: str, entry: dict, listing: Listing, known: dict[tuple, Manifest]) -> None:
         directory, files = self.directory(name), entry["files"]
         other = entry["other"] + sorted(f for f in files if not _OURS.match(f))
         if entry.get("type") not in (None, "directory"):
@@ -181,13 +195,22 @@ class CheckpointCatalog:
             listing.torn[name] = METADATA in files
         else:
             try:
-                listing.committed.append(Manifest.from_json(self.fs.cat_file(f"{directory}/{MANIFEST}"), name))
+                listing.committed.append(self._manifest(name, entry.get("version"), known))
             except ManifestError as error:
                 listing.damaged[name] = f"manifest.json is damaged: {error}"
             except OSError as error:
                 listing.damaged[name] = f"manifest.json cannot be read: {error.strerror or error}"
         if name not in listing.foreign:
             listing.files[name] = files
+
+    def _manifest(self, name: str, version: tuple | None, known: dict[tuple, Manifest]) -> Manifest:
+        """``name``'s manifest: from ``known`` (the previous scan's) if unchanged since, else read."""
+        manifest = known.get((name, version)) if version is not None else None
+        if manifest is None:
+            manifest = Manifest.from_json(self.fs.cat_file(f"{self.directory(name)}/{MANIFEST}"), name)
+        if version is not None:
+            self._parsed[name, version] = manifest
+        return manifest
 
     def _rejection(self, directory: str) -> str:
         try:
@@ -289,7 +312,18 @@ class CheckpointCatalog:
 
     # ---- retention -------------------------------------------------------------------------
     def apply_retention(self) -> list[str]:
-        """Delete what the rule does not keep; rank 0, after a commit, with no save in flight.
+        """Delete what the rule does not keep (``doomed``); the names deleted."""
+        doomed = self.doomed()
+        self.delete_all(doomed)
+        return list(doomed)
+
+    def delete_all(self, doomed: dict[str, set[str]]) -> None:
+        for name, files in doomed.items():
+            self.delete(name, files)
+
+    def doomed(self) -> dict[str, set[str]]:
+        """What retention deletes now, with each directory's files; rank 0, after a commit, with
+        no save in flight.
 
         Kept: the newest ``keep_last`` commits (in commit order, so the line a resume
         started is kept over an abandoned newer one), the newest ``best``, every step
@@ -300,7 +334,7 @@ class CheckpointCatalog:
         listing = self.scan()
         committed, trained = listing.committed, listing.trained
         if not committed:
-            return []
+            return {}
         keep = {committed[-1].directory}
         keep |= {m.directory for m in (trained[-self.keep_last :] if self.keep_last else committed)}
         best = [m for m in committed if "best" in m.tags]
@@ -311,9 +345,7 @@ class CheckpointCatalog:
             keep |= {m.directory for m in committed if m.step % self.keep_every == 0}
         doomed = [m.directory for m in committed if m.directory not in keep]
         doomed += [name for name in listing.torn if listing.removable(name)]
-        for name in doomed:
-            self.delete(name, listing.files[name])
-        return doomed
+        return {name: listing.files[name] for name in doomed}
 
     def delete(self, name: str, files: set[str]) -> None:
         """Delete a checkpoint's own files (the manifest first: an interrupted delete leaves a

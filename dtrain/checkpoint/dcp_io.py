@@ -71,10 +71,10 @@ class _ChecksummingStream:
         self._storage: tuple[str, int] | None = None  # name and data offset of a storage record begun
 
     def write(self, data) -> int:
-        view = memoryview(data).cast("B")
+        view = data if isinstance(data, bytes) else memoryview(data).cast("B")
         at = self.position
         written = self.raw.write(data)
-        view = view if written is None else view[:written]
+        view = view if written is None or written == len(view) else view[:written]
         if self._storage is not None and self._storage[1] == at:
             # A storage's bytes (torch.save writes them in one call): blocks of their own,
             # small enough that a read of some rows checks little else.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+import re
 
 import crc32c
 
@@ -46,8 +47,14 @@ class BlockChecksum:
         self._crc = self._filled = 0
 
     def update(self, data, max_block: int | None = None) -> None:
-        view = memoryview(data).cast("B")
+        view = data if isinstance(data, bytes) else memoryview(data).cast("B")
         max_block = max_block or self.max_block
+        if self._filled + len(view) < max_block:  # most writes: a header, a name, a small item
+            self._crc = crc32c.crc32c(view, self._crc)
+            self._filled += len(view)
+            self.size += len(view)
+            return
+        view = memoryview(view)
         if self._filled >= max_block:
             self.cut()
         while view:
@@ -89,8 +96,7 @@ def is_valid_entry(entry) -> bool:
                 and isinstance(b[0], int)
                 and b[0] > 0
                 and isinstance(b[1], str)
-                and len(b[1]) == 8
-                and _is_hex(b[1])
+                and _CRC_HEX.fullmatch(b[1])
                 for b in blocks
             )
             and sum(b[0] for b in blocks) == entry["size"]
@@ -105,8 +111,11 @@ def _are_offsets(pairs, size: int) -> bool:
     )
 
 
+_CRC_HEX = re.compile("[0-9a-f]{8}")
+
+
 def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdef" for c in text)
+    return re.fullmatch("[0-9a-f]*", text) is not None
 
 
 def has_blocks(entry: dict) -> bool:

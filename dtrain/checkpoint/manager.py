@@ -94,6 +94,7 @@ class CheckpointManager:
             else None
         )
         self._staging: Future | None = None
+        self._deleting = None  # rank 0's deletion of what retention dropped at the last commit
 
     # ---- saving ----------------------------------------------------------------------------
     def start_clock(self) -> None:
@@ -120,6 +121,7 @@ class CheckpointManager:
         in the background; otherwise the save is written and committed before returning.
         """
         self.wait()  # at most one save in flight
+        self._finish_deleting()
         self.last_saved_step = step
         name = on_main(self.ctx, lambda: self.catalog.new_directory(step))
         url = f"{self.url}/{name}"
@@ -219,7 +221,11 @@ class CheckpointManager:
                 **pending.info,
             )
             self.catalog.write_manifest(pending.name, manifest.to_json())
-            removed = self.catalog.apply_retention()
+            # The commit is durable now: old checkpoints are deleted while training goes on
+            # (a delete of 100s of MB frees pages for a while), finished before the next save.
+            doomed = self.catalog.doomed()
+            removed = list(doomed)
+            self._deleting = self._background.submit(self.catalog.delete_all, doomed)
             if self.events:
                 self.events(
                     "checkpoint",
@@ -345,8 +351,20 @@ class CheckpointManager:
 
         on_main(self.ctx, report)
 
+    def _finish_deleting(self) -> None:
+        """Wait for retention's deletes. One that failed is said, not raised: the checkpoint it
+        followed is committed, and the next commit's retention deletes what is left."""
+        deleting, self._deleting = self._deleting, None
+        if deleting is None:
+            return
+        try:
+            deleting.result()
+        except Exception as error:  # storage errors are reported as the catalog's guard words them
+            print(f"dtrain: warning: retention could not delete an old checkpoint ({error}); the next commit retries")
+
     def close(self) -> None:
         self.wait()
+        self._finish_deleting()
         self._background.shutdown()
         if self._stager is not None:
             self._stager.close()
