@@ -18,8 +18,9 @@ its length). There each log is a directory of immutable parts written once:
 ``RUN/metrics/part-<time_ns>-<pid>.jsonl``. Lines wait in memory and are shipped
 as one part every ``ship_seconds``, at every checkpoint save, and when training
 stops; events are shipped at once (the checkpoint catalog relies on them). A
-SIGKILL loses at most the unshipped lines, never a commit. Readers take both
-layouts: the whole file, then the parts in order.
+SIGKILL loses at most the unshipped lines, never a commit. Parts are merged as
+they pile up, so a long run's log stays a few objects (log_parts.py). Readers
+take both layouts: the whole file, then the parts in order.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import json
 import os
 import time
 
+from . import log_parts
 from .checkpoint.catalog import CheckpointCatalog
 from .checkpoint.manifest import Manifest
 from .checkpoint.storage import Storage, guard, is_remote, write_whole
@@ -68,6 +70,8 @@ class RunDirectory:
         self.ship_seconds = SHIP_SECONDS
         self._unshipped: dict[str, list[str]] = {}  # object stores: log -> lines not yet written
         self._first_unshipped: dict[str, float] = {}
+        self._loose: dict[str, int] = {}  # object stores: log -> loose parts at its end (log_parts.py)
+        self._shipped: dict[str, dict[str, str]] = {}  # log -> text of the parts shipped since its last merge
 
     @property
     def checkpoints_url(self) -> str:
@@ -151,8 +155,32 @@ class RunDirectory:
         for log in [name] if name else list(self._unshipped):
             lines = self._unshipped.get(log)
             if lines:
-                self.write_text(f"{parts_of(log)}/part-{time.time_ns():020d}-{os.getpid()}.jsonl", "".join(lines))
+                part, text = log_parts.new_part_name(), "".join(lines)
+                self.write_text(f"{parts_of(log)}/{part}", text)
+                self._shipped.setdefault(log, {})[part] = text  # merged soon: no need to read it back
                 del self._unshipped[log], self._first_unshipped[log]
+                loose = self._loose[log] = self._loose.get(log, log_parts.MERGE_AT - 1) + 1
+                if loose >= log_parts.MERGE_AT:  # known after a first listing: one LIST per MERGE_AT parts
+                    self._merge(log)
+
+    def _merge(self, log: str) -> None:
+        """Keep a log's parts few (log_parts.py): merge, then delete what the merge holds."""
+        directory = parts_of(log)
+        names = self.list(directory)
+        shown = log_parts.visible(names)
+        done = log_parts.held(names, shown)  # a merge whose deletes were cut short
+        known = self._shipped.pop(log, {})
+        while group := log_parts.to_merge(shown):
+            merged = log_parts.merged_name(group)
+            texts = [known.get(n) or self.read_text(f"{directory}/{n}") for n in group]
+            self.write_text(f"{directory}/{merged}", "".join(map(_lines, texts)))
+            at = shown.index(group[0])
+            shown[at : at + len(group)] = [merged]
+            done += group
+        if done:
+            with guard("deleting", f"{self.url}/{directory}"):
+                self.fs.rm([self.path(directory, name) for name in done])
+        self._loose[log] = sum(log_parts.level(n) == 0 for n in shown)
 
     def logs(self, directory: str) -> list[str]:
         """The JSONL logs in a subdirectory (``samples``), whichever layout holds them."""
@@ -164,13 +192,9 @@ class RunDirectory:
         unreadable) is skipped."""
         texts = [self.read_text(name)] if self.exists(name) else []
         parts = parts_of(name)
-        texts += [
-            self.read_text(f"{parts}/{part}")
-            for part in self.list(parts)
-            if part.startswith("part-") and part.endswith(".jsonl")
-        ]
+        texts += [self.read_text(f"{parts}/{part}") for part in log_parts.visible(self.list(parts))]
         records = []
-        for line in "".join(t if t.endswith("\n") else t + "\n" for t in texts).splitlines():
+        for line in "".join(map(_lines, texts)).splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
@@ -231,3 +255,7 @@ class RunDirectory:
                 "restore it, or start a new run with a new --run-dir"
             )
         raise ConfigError(f"{self.url} holds no dtrain run (no {CONFIG}); check the path")
+
+
+def _lines(text: str) -> str:
+    return text if not text or text.endswith("\n") else text + "\n"

@@ -82,3 +82,33 @@ def test_a_thousand_logged_steps_on_s3_cost_each_line_once_and_survive_a_sigkill
     from dtrain import ExperimentManager
 
     assert ExperimentManager.load(RUN).config.train.max_steps == 1000
+
+
+def test_a_long_log_on_s3_stays_a_few_objects_and_a_merge_cut_short_reads_each_line_once(s3_env, monkeypatch):
+    from dtrain import log_parts
+    from dtrain.rundir import EVENTS, RunDirectory, parts_of
+
+    monkeypatch.setattr(log_parts, "MERGE_AT", 4)
+    run = RunDirectory("s3://dtrain-test/merged-log")
+    S3_REQUESTS.clear()
+    for i in range(150):  # events are shipped at once: 150 parts written
+        run.event("tick", i=i)
+    objects = run.list(parts_of(EVENTS))
+    assert len(objects) <= 3 * (log_parts.MERGE_AT - 1) + 2, objects  # under 4 a level, 4 levels
+    assert [e["i"] for e in run.read_jsonl(EVENTS)] == list(range(150))
+    stored = sum(r.sent for r in S3_REQUESTS if r.method == "PUT" and "/events/part-" in r.path)
+    rewritten = sum(r.sent for r in S3_REQUESTS if r.method == "PUT" and "/events/merged-" in r.path)
+    assert rewritten <= 3 * stored  # each line rewritten once per level it went up
+
+    # A writer killed after writing a merged object, before deleting what it holds.
+    monkeypatch.setattr(run.fs, "rm", lambda paths, **kwargs: None)
+    for i in range(150, 160):
+        run.event("tick", i=i)
+    assert len(run.list(parts_of(EVENTS))) > len(objects)  # merged and held objects side by side
+    assert [e["i"] for e in RunDirectory(run.url).read_jsonl(EVENTS)] == list(range(160))
+    monkeypatch.undo()
+    monkeypatch.setattr(log_parts, "MERGE_AT", 4)
+    for i in range(160, 170):  # the next merge deletes what the cut-short one left
+        run.event("tick", i=i)
+    assert len(run.list(parts_of(EVENTS))) <= 3 * (log_parts.MERGE_AT - 1) + 2
+    assert [e["i"] for e in RunDirectory(run.url).read_jsonl(EVENTS)] == list(range(170))
