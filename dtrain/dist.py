@@ -151,3 +151,19 @@ def on_every_rank(ctx: DistContext, fn) -> list:
     dist.all_gather_object(gathered, (result, outcome))
     _raise_agreed(next((o for _, o in gathered if o is not None), None))
     return [r for r, _ in gathered]
+
+
+def gather_on_main(ctx: DistContext, fn) -> list | None:
+    """``fn()`` on every rank; every rank's result on rank 0 (None elsewhere). An expected
+    failure on any rank is raised on all of them, as ``on_every_rank`` does, but the
+    results travel to rank 0 alone: N shares, not N x N (benchmarks/scale_sim.py)."""
+    outcome, result = None, None
+    try:
+        result = fn()
+    except DtrainError as error:
+        outcome = (type(error).__name__, str(error))
+    gathered = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object((result, outcome), gathered, dst=0)
+    failed = next((o for _, o in gathered if o is not None), None) if ctx.is_main else None
+    _raise_agreed(broadcast_from_main(ctx, failed))
+    return [r for r, _ in gathered] if ctx.is_main else None

@@ -121,3 +121,20 @@ def test_a_manifest_offset_that_does_not_fit_the_archive_is_refused(saved):
         damaged["__0_0.distcp"]["tensors"] = [[item, data + shift] for item, data in written["__0_0.distcp"]["tensors"]]
         with pytest.raises(CorruptCheckpointError, match="does not fit its item"):
             read(path, damaged, [("weight", (101, 0), (57, 70))])
+
+
+def test_a_gap_is_read_through_when_a_request_costs_more_than_its_bytes(saved, monkeypatch):
+    path, written = saved
+    wanted = [("weight", (0, 0), (10, 70)), ("weight", (200, 0), (10, 70))]  # 190 rows apart
+    original = CheckedFileSystemReader._fetch
+    for request_s, requests in ((1e-6, 2), (1e-3, 1)):  # 1 KB or 1 MB read through at 1 GB/s
+        fetched = []
+        monkeypatch.setattr(CheckedFileSystemReader, "request_s", request_s)
+        monkeypatch.setattr(
+            CheckedFileSystemReader,
+            "_fetch",
+            staticmethod(lambda p, start, end: fetched.append(end - start) or original(p, start, end)),
+        )
+        loaded = read(path, written, wanted)
+        assert len(fetched) == requests, fetched
+        assert torch.equal(loaded["weight", (200, 0)], STATE["weight"][200:210])

@@ -10,7 +10,8 @@ the result. dtrain adds three things (docs/design.md, "Checkpoint I/O"):
   ``torch.save`` archive (``"tensors"`` in the manifest entry).
 - **Few, large, checked reads.** DCP 2.13's ``read_data`` reads item by item (one
   request per tensor on object storage, plus read-ahead). Here a rank sorts the
-  items it needs per file, merges neighbours into spans of up to 64 MiB, fetches
+  items it needs per file, merges neighbours (and gaps cheaper to read through than
+  to skip, by a latency and bandwidth cost model) into spans of up to 64 MiB, fetches
   each span in one request (a few in parallel on object storage), checks every
   block against the manifest, then hands the items to DCP's planner exactly as
   DCP does. Where the manifest gives a tensor's offset, a rank reads just the
@@ -25,11 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import io
 import math
 import os
 import pickle
 import sys
+import threading
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +50,6 @@ from torch.futures import Future
 from .integrity import BlockChecksum, Blocks, CorruptCheckpointError, has_blocks, tensor_block
 
 SPAN_BYTES = 64 << 20  # the most one read request fetches, unless one item is larger
-GAP_BYTES = 64 << 10  # read through a gap this small rather than make another request
 METADATA = ".metadata"
 
 
@@ -170,6 +172,11 @@ class _ChecksummedWrites:
         super().__init__(*args, **kwargs)
         self.fs = _ChecksummedFiles(self.fs)
 
+    def set_up_storage_writer(self, *args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            _yield_to_training()  # a background save: plan, write and finish in what steps leave idle
+        return super().set_up_storage_writer(*args, **kwargs)
+
     def write_data(self, plan, planner):
         # Items that every rank reads on any load (objects, unsharded tensors such as AdamW's
         # step counts) go first, so a rank reads them from one region in one request rather
@@ -204,9 +211,21 @@ class _ChecksummedWrites:
         for name, offsets in found.items():
             self.fs.entries[name]["tensors"] = sorted(offsets)
 
+    def finish(self, metadata, results) -> None:
+        with gc_paused():  # rank 0 pickles every rank's storage entries into .metadata
+            super().finish(metadata, results)
+
     @property
     def written(self) -> dict[str, dict]:
         return dict(self.fs.entries)
+
+
+def _yield_to_training() -> None:
+    """This thread runs only when a core would otherwise be idle (Linux's SCHED_IDLE)."""
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux: write at normal priority
+        pass
 
 
 def _every_rank_reads(item: WriteItem) -> bool:
@@ -264,10 +283,26 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata (it could run code)")
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """The garbage collector off while DCP builds or reads its plans and metadata. Those are
+    object graphs of every rank's items (a million at 1,024 ranks of ``large``), and each
+    collection pass walks everything alive, so with it on the time grows faster than the
+    graph: reading 27 MB of .metadata took 2.1 s, 0.5 s paused (benchmarks/scale_sim.py)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def load_metadata(stream):
     from torch.distributed.checkpoint.metadata import Metadata
 
-    metadata = _MetadataUnpickler(stream).load()
+    with gc_paused():
+        metadata = _MetadataUnpickler(stream).load()
     if not isinstance(metadata, Metadata):
         raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP's Metadata")
     return metadata
@@ -288,6 +323,11 @@ class _CheckedReads:
     (the manifest's file entries; None reads unchecked)."""
 
     read_threads = 1
+    # The cost model of a read: a request costs ``request_s`` before its first byte, then
+    # bytes stream at ``stream_bytes_per_s``. A gap between two needed ranges is read through
+    # when streaming it is cheaper than a request: gaps under latency x bandwidth.
+    request_s = 0.0001  # local disk: a read call and a seek
+    stream_bytes_per_s = 1e9
     _metadata = None
 
     def __init__(self, path, checksums: dict | None = None, **options):
@@ -399,8 +439,9 @@ class _CheckedReads:
         return self._blocks_of[file]
 
     def _spans(self, wanted: dict) -> list[_Span]:
-        """Requests in offset order per file; neighbours (and small gaps) merged up to
-        ``SPAN_BYTES``. A checked read covers whole blocks."""
+        """Requests in offset order per file; neighbours, and gaps cheaper to read than to skip
+        (the cost model above), merged up to ``SPAN_BYTES``. A checked read covers whole blocks."""
+        read_through = self.request_s * self.stream_bytes_per_s
         spans: list[_Span] = []
         for file, offset, length in sorted(wanted):
             blocks = self._blocks(file)
@@ -409,7 +450,7 @@ class _CheckedReads:
             if (
                 last is None
                 or last.file != file
-                or start > last.end + GAP_BYTES
+                or start > last.end + read_through
                 or (max(end, last.end) - last.start > SPAN_BYTES and last.items)
             ):
                 last = _Span(file, start, end)
@@ -500,7 +541,12 @@ class CheckedFileSystemReader(_CheckedReads, FileSystemReader):
 
 
 class CheckedFsspecReader(_CheckedReads, FsspecReader):
-    read_threads = 4  # object stores answer parallel ranged GETs faster than one at a time
+    # Object stores answer parallel ranged GETs faster than one at a time. A GET waits tens of
+    # ms for its first byte, then streams at about 90 MB/s (S3, one connection): gaps under
+    # ~2.7 MB are read through (benchmarks/README.md, "Checkpoint I/O").
+    read_threads = 8
+    request_s = 0.03
+    stream_bytes_per_s = 90e6
 
     def _fetch(self, path, start: int, end: int) -> bytes:
         return self.fs.fs.cat_file(os.fspath(path), start=start, end=end)

@@ -30,11 +30,11 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from ..config import CheckpointConfig
-from ..dist import DistContext, on_every_rank, on_main
+from ..dist import DistContext, gather_on_main, on_every_rank, on_main
 from ..errors import CheckpointError, StorageError
 from ..watchdog import StepWatchdog
 from .catalog import CheckpointCatalog, Listing
-from .dcp_io import UnsafeCheckpointError
+from .dcp_io import UnsafeCheckpointError, gc_paused
 from .integrity import CorruptCheckpointError
 from .manifest import Manifest, data_files, find_problems, unlisted_shards
 from .state import load_parts
@@ -129,7 +129,9 @@ class CheckpointManager:
         started = time.perf_counter()
         background = self.config.async_save and not blocking
         writer = self.storage.writer(url)
-        with guard("writing checkpoint", url):  # DCP gathers every rank's failure: all raise
+        # DCP gathers every rank's failure: all raise. The collector is paused while DCP plans
+        # (dcp_io.gc_paused); a background save's own thread plans and writes later with it on.
+        with guard("writing checkpoint", url), gc_paused():
             # The plan is the same from save to save: DCP skips re-planning across ranks.
             planner = DefaultSavePlanner(enable_plan_caching=True)
             if background:
@@ -194,8 +196,8 @@ class CheckpointManager:
 
     def _commit_pending(self) -> None:
         pending, self._pending = self._pending, None
-        shares = on_every_rank(self.ctx, pending.written.result)
-        files = {name: entry for share in shares for name, entry in share.items()}
+        shares = gather_on_main(self.ctx, pending.written.result)  # only rank 0 writes the manifest
+        files = {name: entry for share in shares or [] for name, entry in share.items()}
         total_s = time.perf_counter() - pending.started
 
         def write_manifest_and_retain() -> None:

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from .dcp_io import SafeLoadPlanner
+from .dcp_io import SafeLoadPlanner, gc_paused
 
 LEGACY_KEY = "train"  # the single key of checkpoints written before the components were split
 
@@ -78,7 +78,8 @@ def load_parts(reader, parts: dict[str, dict], no_dist: bool = False) -> dict[st
     checkpoint runs code (``SafeLoadPlanner``; the reader's metadata is restricted).
     """
     to_load, unpack = _in_stored_layout(parts, reader.read_metadata())
-    dcp.load(to_load, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=no_dist)
+    with gc_paused():  # the load plan is an object graph of every stored chunk (dcp_io.gc_paused)
+        dcp.load(to_load, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=no_dist)
     return unpack(to_load)
 
 
