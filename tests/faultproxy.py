@@ -4,6 +4,8 @@ proxy = FaultProxy(("127.0.0.1", s3_port)).start()
 proxy.mode = "stall"     # accept, read, never answer: an endpoint that hangs
 proxy.mode = "refuse"    # accept and close at once: an endpoint that is down
 proxy.mode = "pass"      # forward both ways
+proxy.mode = "cut"       # forward, but end a connection once it has answered ``cut_after``
+                         # bytes, ``cuts`` times (a response cut mid-body), then pass
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ class FaultProxy:
     def __init__(self, target: tuple[str, int]):
         self.target = target
         self.mode = "pass"
+        self.cut_after, self.cuts = 0, 0
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -40,8 +43,9 @@ class FaultProxy:
             else:
                 upstream = socket.create_connection(self.target)
                 self._open.append(upstream)
-                for a, b in ((client, upstream), (upstream, client)):
-                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                limit = self.cut_after if self.mode == "cut" else None
+                threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(upstream, client, limit), daemon=True).start()
 
     @staticmethod
     def _swallow(client: socket.socket) -> None:
@@ -51,10 +55,15 @@ class FaultProxy:
         except OSError:
             pass
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, limit: int | None = None) -> None:
         try:
             while data := source.recv(65536):
+                if limit is not None and self.cuts > 0 and len(data) >= limit:
+                    self.cuts -= 1
+                    sink.sendall(data[:limit])
+                    break
+                if limit is not None:
+                    limit -= len(data)
                 sink.sendall(data)
         except OSError:
             pass

@@ -72,7 +72,7 @@ def test_saves_read_nothing_back_and_loads_read_each_byte_once(s3_env):
     # what a GET's latency costs in bandwidth (30 ms x 90 MB/s: the cost model in dcp_io.py), so
     # they are read through: few requests, at most the whole of both files for the middle rank.
     assert sum(map(len, resharded_gets.values())) <= 2 * sum(map(len, gets.values())), resharded_gets
-    assert 0.99 * total <= read <= 2.01 * total, read / total
+    assert 0.99 * total <= read <= 2.1 * total, read / total  # and the objects every rank reads
 
     events = RunDirectory(URL).events()
     assert [e["event"] for e in events if e["event"] in ("start", "resume", "end")] == [

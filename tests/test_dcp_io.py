@@ -138,3 +138,16 @@ def test_a_gap_is_read_through_when_a_request_costs_more_than_its_bytes(saved, m
         loaded = read(path, written, wanted)
         assert len(fetched) == requests, fetched
         assert torch.equal(loaded["weight", (200, 0)], STATE["weight"][200:210])
+
+    # A byte flipped in the gap read through (rows 100-109, needed by no request) is still
+    # caught: every block a request brings back is checked, used or not.
+    stored = CheckedFileSystemReader(path).read_metadata().storage_data[MetadataIndex("weight", torch.Size([0, 0]))]
+    damaged = path.parent / "damaged-gap"
+    damaged.mkdir(exist_ok=True)
+    for file in path.iterdir():
+        data = bytearray(file.read_bytes())
+        if file.name == stored.relative_path:
+            data[dict(map(tuple, written[file.name]["tensors"]))[stored.offset] + 100 * 70 * 4] ^= 1
+        (damaged / file.name).write_bytes(data)
+    with pytest.raises(CorruptCheckpointError, match="CRC32C"):
+        read(damaged, written, wanted)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import launch
 from faultproxy import FaultProxy
+from s3server import S3_REQUESTS
 
 TINY = ["--preset", "tiny", "--train.log_interval=1", "--train.eval_interval=0", "--checkpoint.interval_steps=2"]
 EXIT_STORAGE = 74
@@ -199,3 +200,36 @@ def test_credentials_the_server_refuses_are_one_line(tmp_path):
     finally:
         server.kill()
         server.communicate()
+
+
+def test_a_read_cut_mid_range_is_retried_and_one_that_keeps_failing_is_one_line(proxy, s3_env):
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from dtrain.checkpoint.storage import Storage, guard
+    from dtrain.errors import StorageError
+
+    url = "s3://dtrain-test/cut"
+    state = {"w": torch.randn(1024, 256), "v": torch.randn(64)}  # a 1 MB file: one coalesced range
+    writer = Storage().writer(url)
+    dcp.save(state, storage_writer=writer, no_dist=True)
+    through_proxy = Storage(endpoint_url=proxy.url, timeout_s=2, retries=3)
+
+    def load() -> dict:
+        loaded = {"w": torch.zeros(1024, 256), "v": torch.zeros(64)}
+        with guard("loading checkpoint", url):
+            dcp.load(loaded, storage_reader=through_proxy.reader(url, writer.written), no_dist=True)
+        return loaded
+
+    proxy.mode, proxy.cut_after, proxy.cuts = "cut", 300_000, 1  # one answer ends 300 KB in
+    S3_REQUESTS.clear()
+    loaded = load()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    shard_gets = [r for r in S3_REQUESTS if r.method == "GET" and r.path.endswith(".distcp")]
+    assert len(shard_gets) == 2 and shard_gets[0].received == shard_gets[1].received > 1 << 20  # asked again
+    proxy.cuts = 1000  # every answer cut: retried, then the load stops in one line
+    started = time.monotonic()
+    with pytest.raises(StorageError) as failed:
+        load()
+    assert url in str(failed.value) and "\n" not in str(failed.value), str(failed.value)
+    assert time.monotonic() - started < 60
