@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dtrain.checkpoint.dcp_io import gc_paused, load_metadata  # noqa: E402
+from dtrain.checkpoint.dcp_io import SavePlanner, gc_paused, load_metadata  # noqa: E402
 from dtrain.checkpoint.integrity import tensor_block  # noqa: E402
 from dtrain.checkpoint.manifest import Manifest  # noqa: E402
 from dtrain.config import ExperimentConfig  # noqa: E402
@@ -130,7 +130,8 @@ GC_AS_BEFORE = False
 def simulate(preset: str, world: int) -> dict:
     params = shapes(preset)
     plans = [local_plan(rank, world, params) for rank in range(world)]
-    planner = DefaultSavePlanner(flatten_state_dict=False, enable_plan_caching=False)
+    planner_class = DefaultSavePlanner if GC_AS_BEFORE else SavePlanner  # dtrain's: a linear overlap check
+    planner = planner_class(flatten_state_dict=False, enable_plan_caching=False)
     writer = FileSystemWriter(tempfile.mkdtemp(prefix="dtrain-sim-"), sync_files=False)
     writer.set_up_storage_writer(True, 0)
     (global_plan, metadata), plan_s = timed(lambda: planner.create_global_plan(plans), dcp=True)
@@ -235,10 +236,12 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 128, 512, 1024])
     parser.add_argument("--presets", nargs="+", default=["medium", "large"])
     parser.add_argument("--beat-s", type=float, default=5.0, help="heartbeat interval (timeout / 10, at most 5 s)")
-    parser.add_argument("--gc-as-before", action="store_true", help="the collector on throughout, as before #25")
+    parser.add_argument(
+        "--as-before", action="store_true", help="DCP's own planner and the collector on throughout, as before #25"
+    )
     args = parser.parse_args()
     global GC_AS_BEFORE
-    GC_AS_BEFORE = args.gc_as_before
+    GC_AS_BEFORE = args.as_before
     for preset in args.presets:
         print(
             f"\n{preset}: one save's bookkeeping on rank 0 (seconds, MB); growth per rank = "

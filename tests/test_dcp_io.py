@@ -151,3 +151,19 @@ def test_a_gap_is_read_through_when_a_request_costs_more_than_its_bytes(saved, m
         (damaged / file.name).write_bytes(data)
     with pytest.raises(CorruptCheckpointError, match="CRC32C"):
         read(damaged, written, wanted)
+
+
+def test_the_save_plan_check_finds_overlapping_chunks_of_a_wide_sharded_tensor():
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorProperties
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata as Stored
+
+    from dtrain.checkpoint.dcp_io import _chunk_problems
+
+    def stored(rows):  # a 64 x 4096 matrix in dim-0 chunks, as FSDP2 stores it
+        chunks = [ChunkStorageMetadata(torch.Size([a, 0]), torch.Size([b - a, 4096])) for a, b in rows]
+        return Metadata({"w": Stored(TensorProperties(dtype=torch.float32), torch.Size([64, 4096]), chunks)})
+
+    assert _chunk_problems(stored([(i, i + 1) for i in range(64)]), 64) == []
+    assert _chunk_problems(stored([(0, 33), (32, 64)]), 2)[0] == "w: chunks overlap"
+    assert _chunk_problems(stored([(0, 32), (33, 64)]), 2) == ["w: chunks do not fill the tensor"]
+    assert "out of bounds" in _chunk_problems(stored([(0, 32), (32, 65)]), 2)[0]

@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from ..config import CheckpointConfig
@@ -34,7 +33,7 @@ from ..dist import DistContext, gather_on_main, on_every_rank, on_main
 from ..errors import CheckpointError, StorageError
 from ..watchdog import StepWatchdog
 from .catalog import CheckpointCatalog, Listing
-from .dcp_io import UnsafeCheckpointError, gc_paused
+from .dcp_io import SavePlanner, UnsafeCheckpointError, gc_paused
 from .integrity import CorruptCheckpointError
 from .manifest import Manifest, data_files, find_problems, unlisted_shards
 from .state import load_parts
@@ -133,7 +132,7 @@ class CheckpointManager:
         # (dcp_io.gc_paused); a background save's own thread plans and writes later with it on.
         with guard("writing checkpoint", url), gc_paused():
             # The plan is the same from save to save: DCP skips re-planning across ranks.
-            planner = DefaultSavePlanner(enable_plan_caching=True)
+            planner = SavePlanner(enable_plan_caching=True)
             if background:
                 response = dcp.async_save(
                     state,
