@@ -88,6 +88,20 @@ def test_row_reads_give_what_the_stored_tensors_hold(saved):
             assert torch.equal(loaded[fqn, offsets], want), fqn
 
 
+def with_flipped_weight_byte(path, written, at: int, name: str):
+    """A copy of the checkpoint with one byte of ``weight``'s stored values flipped, ``at``
+    bytes into them."""
+    stored = CheckedFileSystemReader(path).read_metadata().storage_data[MetadataIndex("weight", torch.Size([0, 0]))]
+    damaged = path.parent / name
+    damaged.mkdir(exist_ok=True)
+    for file in path.iterdir():
+        data = bytearray(file.read_bytes())
+        if file.name == stored.relative_path:
+            data[dict(map(tuple, written[file.name]["tensors"]))[stored.offset] + at] ^= 1
+        (damaged / file.name).write_bytes(data)
+    return damaged
+
+
 def test_a_row_read_fetches_and_checks_only_blocks_near_its_rows(saved, monkeypatch):
     path, written = saved
     fetched = []
@@ -102,14 +116,7 @@ def test_a_row_read_fetches_and_checks_only_blocks_near_its_rows(saved, monkeypa
     assert torch.equal(loaded["weight", (101, 0)], STATE["weight"][101:158])
     assert 57 * row_bytes <= sum(fetched) <= 57 * row_bytes + 2 * tensor_block(300 * row_bytes)  # whole blocks
 
-    stored = CheckedFileSystemReader(path).read_metadata().storage_data[MetadataIndex("weight", torch.Size([0, 0]))]
-    damaged = path.parent / "damaged"
-    damaged.mkdir(exist_ok=True)
-    for file in path.iterdir():
-        data = bytearray(file.read_bytes())
-        if file.name == stored.relative_path:
-            data[dict(map(tuple, written[file.name]["tensors"]))[stored.offset] + 120 * row_bytes] ^= 1
-        (damaged / file.name).write_bytes(data)
+    damaged = with_flipped_weight_byte(path, written, 120 * row_bytes, "damaged")
     with pytest.raises(CorruptCheckpointError, match="CRC32C"):
         read(damaged, written, [("weight", (101, 0), (57, 70))])
 
@@ -141,14 +148,7 @@ def test_a_gap_is_read_through_when_a_request_costs_more_than_its_bytes(saved, m
 
     # A byte flipped in the gap read through (rows 100-109, needed by no request) is still
     # caught: every block a request brings back is checked, used or not.
-    stored = CheckedFileSystemReader(path).read_metadata().storage_data[MetadataIndex("weight", torch.Size([0, 0]))]
-    damaged = path.parent / "damaged-gap"
-    damaged.mkdir(exist_ok=True)
-    for file in path.iterdir():
-        data = bytearray(file.read_bytes())
-        if file.name == stored.relative_path:
-            data[dict(map(tuple, written[file.name]["tensors"]))[stored.offset] + 100 * 70 * 4] ^= 1
-        (damaged / file.name).write_bytes(data)
+    damaged = with_flipped_weight_byte(path, written, 100 * 70 * 4, "damaged-gap")
     with pytest.raises(CorruptCheckpointError, match="CRC32C"):
         read(damaged, written, wanted)
 
