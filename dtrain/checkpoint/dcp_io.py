@@ -222,9 +222,11 @@ class _ChecksummedWrites:
         super().__init__(*args, **kwargs)
         self.fs = _ChecksummedFiles(self.fs)
 
+    in_background = False  # set for an async save: DCP's own thread then plans, writes and finishes
+
     def set_up_storage_writer(self, *args, **kwargs):
-        if threading.current_thread() is not threading.main_thread():
-            _yield_to_training()  # a background save: plan, write and finish in what steps leave idle
+        if self.in_background and threading.current_thread() is not threading.main_thread():
+            _yield_to_training()  # that thread (one per save) uses what the steps leave idle
         return super().set_up_storage_writer(*args, **kwargs)
 
     def write_data(self, plan, planner):
@@ -271,7 +273,8 @@ class _ChecksummedWrites:
 
 
 def _yield_to_training() -> None:
-    """This thread runs only when a core would otherwise be idle (Linux's SCHED_IDLE)."""
+    """This thread runs only when a core would otherwise be idle (Linux's SCHED_IDLE). An
+    unprivileged thread cannot go back, so only a thread that ends with its save is lowered."""
     try:
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):  # not Linux: write at normal priority

@@ -128,6 +128,7 @@ class CheckpointManager:
         started = time.perf_counter()
         background = self.config.async_save and not blocking
         writer = self.storage.writer(url)
+        writer.in_background = background
         # DCP gathers every rank's failure: all raise. The collector is paused while DCP plans
         # (dcp_io.gc_paused); a background save's own thread plans and writes later with it on.
         with guard("writing checkpoint", url), gc_paused():
