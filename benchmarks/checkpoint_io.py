@@ -55,6 +55,22 @@ def raw_write(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
+def memory_mb() -> float:
+    """Proportional set size (shared pages split among their users) of this process and every
+    process it started (DCP's process-based save runs a daemon), in MB."""
+    pids, total = [os.getpid()], 0
+    while pids:
+        pid = pids.pop()
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            total += sum(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")) * 1024
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                pids += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return total / 1e6
+
+
 def io_counters() -> dict[str, int]:
     fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
     return {name: int(fields[name]) for name in ("rchar", "wchar", "syscr", "syscw")}
@@ -182,16 +198,19 @@ def worker(args) -> None:
         group = dist.new_group(backend="gloo")
         for _ in range(4):
             record("step_alone", measured("step", trainer.train_step))
+        baseline = memory_mb()  # memory a save adds, over all its rounds (buffers kept included)
         for round_ in range(args.rounds + 1):  # dtrain's own: the copy overlaps fwd/bwd, then written
             dist.barrier()
             start = time.perf_counter()
             trainer.save([], blocking=False)
             blocked = time.perf_counter() - start
-            steps = []
+            steps, peak = [], memory_mb()
             while trainer.checkpoints.saving:
                 steps.append(measured("step", trainer.train_step))  # the first waits for the copy
+                peak = max(peak, memory_mb())
                 trainer.checkpoints.poll()
             trainer.step += 1
+            record("memory_dtrain", peak - baseline)
             if round_:
                 record("async_dtrain_blocked", blocked)
                 record("async_dtrain_first_step", steps[0] if steps else 0.0)
@@ -200,6 +219,7 @@ def worker(args) -> None:
             for _ in range(2):
                 record("step_alone", measured("step", trainer.train_step))
         for kind in (AsyncCheckpointerType.THREAD, AsyncCheckpointerType.PROCESS):
+            baseline = memory_mb()
             for round_ in range(args.rounds + 1):  # round 0 warms up (the process kind starts its daemon)
                 writer = FileSystemWriter(f"{args.out}/async/{kind.value}_{round_}", overwrite=False)
                 dist.barrier()
@@ -208,14 +228,16 @@ def worker(args) -> None:
                     trainer.state(), storage_writer=writer, process_group=group, async_checkpointer_type=kind
                 )
                 blocked = time.perf_counter() - start
-                steps = []
+                steps, peak = [], memory_mb()
                 while True:
                     done = torch.tensor([int(future.done())])
                     dist.all_reduce(done, op=dist.ReduceOp.MIN)
                     if done.item():
                         break
                     steps.append(measured("step", trainer.train_step))
+                    peak = max(peak, memory_mb())
                 future.result()
+                record(f"memory_{kind.value}", peak - baseline)
                 written = time.perf_counter() - start
                 if round_:
                     record(f"async_{kind.value}_blocked", blocked)
@@ -320,6 +342,12 @@ def local_run(args) -> None:
                 f"| training step during a {kind} async save ({len(steps)} steps) | {statistics.median(steps):.3f} "
                 f"| | {slow:.2f}x step alone ({med['step_alone']:.3f} s) | | | |"
             )
+    print(
+        "| memory a background save adds on rank 0, most seen (MB, PSS with its daemon; this rank's state: "
+        f"{mb / 2:.0f} MB) | "
+        + ", ".join(f"{kind} {max(raw.get(f'memory_{kind}', [0])):.0f}" for kind in ("dtrain", "thread", "process"))
+        + " | | | | | |"
+    )
     notice_table(size / 1e6 / 2 / med["sync_save_committed"])  # 2 ranks wrote the checkpoint at once
 
 
