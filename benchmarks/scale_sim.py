@@ -51,6 +51,7 @@ from dtrain.model import build_model  # noqa: E402
 
 BYTES_STATES = ("progress", "sampler", "schedule")  # dtrain's small non-tensor states, one item each
 HEADER = 1_000  # torch.save's archive around one item's bytes (records, pickle), about
+MIN_MERGE = 4 << 10  # headers and small items share a block
 
 
 def shapes(preset: str) -> dict[str, torch.Size]:
@@ -111,8 +112,6 @@ def write_results(plan: SavePlan, rank: int) -> tuple[list[WriteResult], dict]:
             merged.append([length, crc])
     return results, {f"__{rank}_0.distcp": {"size": offset, "crc32c": merged, "tensors": tensors}}
 
-
-MIN_MERGE = 4 << 10  # headers and small items share a block
 
 
 def timed(fn, dcp: bool = False):

@@ -122,19 +122,21 @@ def _raise_agreed(outcome) -> None:
         raise KINDS.get(kind, DtrainError)(message)
 
 
+def _attempt(fn) -> tuple:
+    """``(fn(), None)``, or ``(None, (kind, message))`` for an expected failure (``DtrainError``)."""
+    try:
+        return fn(), None
+    except DtrainError as error:
+        return None, (type(error).__name__, str(error))
+
+
 def on_main(ctx: DistContext, fn):
     """``fn()`` on rank 0 only (a write only rank 0 makes); its result on every rank.
 
     An expected failure (``DtrainError``) on rank 0 is raised on every rank, so all
     of them stop at the same point instead of waiting for rank 0 in a collective.
     """
-    outcome, result = None, None
-    if ctx.is_main:
-        try:
-            result = fn()
-        except DtrainError as error:
-            outcome = (type(error).__name__, str(error))
-    result, outcome = broadcast_from_main(ctx, (result, outcome))
+    result, outcome = broadcast_from_main(ctx, _attempt(fn) if ctx.is_main else (None, None))
     _raise_agreed(outcome)
     return result
 
@@ -142,13 +144,8 @@ def on_main(ctx: DistContext, fn):
 def on_every_rank(ctx: DistContext, fn) -> list:
     """``fn()`` on every rank; every rank's result, gathered. An expected failure on
     any rank is raised on all of them (the lowest failing rank's message)."""
-    outcome, result = None, None
-    try:
-        result = fn()
-    except DtrainError as error:
-        outcome = (type(error).__name__, str(error))
     gathered = [None] * ctx.world_size
-    dist.all_gather_object(gathered, (result, outcome))
+    dist.all_gather_object(gathered, _attempt(fn))
     _raise_agreed(next((o for _, o in gathered if o is not None), None))
     return [r for r, _ in gathered]
 
@@ -157,13 +154,8 @@ def gather_on_main(ctx: DistContext, fn) -> list | None:
     """``fn()`` on every rank; every rank's result on rank 0 (None elsewhere). An expected
     failure on any rank is raised on all of them, as ``on_every_rank`` does, but the
     results travel to rank 0 alone: N shares, not N x N (benchmarks/scale_sim.py)."""
-    outcome, result = None, None
-    try:
-        result = fn()
-    except DtrainError as error:
-        outcome = (type(error).__name__, str(error))
     gathered = [None] * ctx.world_size if ctx.is_main else None
-    dist.gather_object((result, outcome), gathered, dst=0)
+    dist.gather_object(_attempt(fn), gathered, dst=0)
     failed = next((o for _, o in gathered if o is not None), None) if ctx.is_main else None
     _raise_agreed(broadcast_from_main(ctx, failed))
     return [r for r, _ in gathered] if ctx.is_main else None

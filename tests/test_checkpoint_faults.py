@@ -294,3 +294,11 @@ def test_resume_refuses_a_step_that_is_not_there_and_a_new_model_shape(finished_
     assert reshaped.returncode == 2
     assert "--model.width=64 differs from the run's 32" in reshaped.stderr
     assert before == {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
+
+
+def test_the_commit_gather_brings_every_share_to_rank_0_and_a_failure_on_any_rank_to_all():
+    result = torchrun_script("agreed_gather.py", [], nproc=3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = ["rank 0 got [0, 10, 20]", "rank 1 got None", "rank 2 got None"]
+    said += [f"rank {r} raised StorageError: the store on rank 1 failed" for r in range(3)]
+    assert all(words in result.stdout for words in said), result.stdout  # the ranks' lines interleave
