@@ -113,7 +113,6 @@ def write_results(plan: SavePlan, rank: int) -> tuple[list[WriteResult], dict]:
     return results, {f"__{rank}_0.distcp": {"size": offset, "crc32c": merged, "tensors": tensors}}
 
 
-
 def timed(fn, dcp: bool = False):
     """Seconds of ``fn``; DCP's steps with the collector paused, as dtrain runs them."""
     gc.collect()
