@@ -1,5 +1,6 @@
 """Torn and corrupt checkpoints are never loaded; the previous committed one is."""
 
+import shutil
 import subprocess
 import sys
 
@@ -48,11 +49,19 @@ def test_sigkill_of_a_rank_mid_save_leaves_a_torn_checkpoint_that_is_never_loade
     assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]  # steps 5-6 ran before the crash, and again after
 
 
-@pytest.fixture
-def finished_run(tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """One 2-rank run of 6 steps (checkpoints at 4 and 6), built once: each test damages a copy."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
     result = launch([*TINY, "--run-dir", str(run_dir), "--train.max_steps=6"], nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture
+def finished_run(two_rank_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_rank_run, run_dir)
     return run_dir
 
 

@@ -84,7 +84,7 @@ def test_same_world_size_resume_is_bitwise_identical(tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     ok(launch([*args, "--run-dir", str(whole)], nproc=2))
     ok(launch([*args, "--run-dir", str(split), "--stop-at-step", "3"], nproc=2))
-    again = ok(launch([*args, "--run-dir", str(split), "--stop-at-step", "3"], nproc=2))
+    again = ok(launch([*args, "--run-dir", str(split), "--stop-at-step", "3"]))  # one process: it only reads
     assert "is at step 3, past --stop-at-step 3; nothing to do" in again.stdout
     legacy = tmp_path / "legacy"
     shutil.copytree(split, legacy)
@@ -116,6 +116,9 @@ def epoch_runs(tmp_path_factory):
 
 
 def continue_copy(epoch_runs, tmp_path, args, nproc):
+    """Resume a copy of the stopped run with ``args``: on ``nproc`` ranks under torchrun, or in one
+    process (None) where the rule under test does not depend on the world size (each rank is a
+    process start, most of a short run's cost)."""
     run_dir = tmp_path / "run"
     shutil.copytree(epoch_runs / "leg1", run_dir)
     return run_dir, ok(launch(["--run-dir", str(run_dir), *args], nproc=nproc))
@@ -154,12 +157,12 @@ def test_a_new_global_batch_mid_epoch_sees_every_sample_once(epoch_runs, tmp_pat
 
 
 def test_extending_the_plan_keeps_or_replans_the_lr_curve(epoch_runs, tmp_path):
-    kept_dir, kept = continue_copy(epoch_runs, tmp_path / "k", ["--train.num_epochs=2"], 2)
+    kept_dir, kept = continue_copy(epoch_runs, tmp_path / "k", ["--train.num_epochs=2"], None)
     assert "keeps its old curve" in kept.stdout
     lrs = [r["lr"] for r in train_records(kept_dir)]
     assert len(lrs) == 16 and lrs[7] == lrs[15]  # the old curve ended at step 8: flat after it
     replanned_dir, replanned = continue_copy(
-        epoch_runs, tmp_path / "r", ["--train.num_epochs=2", "--train.reconfigure_scheduler=true"], 2
+        epoch_runs, tmp_path / "r", ["--train.num_epochs=2", "--train.reconfigure_scheduler=true"], None
     )
     assert "re-planned" in replanned.stdout
     lrs = [r["lr"] for r in train_records(replanned_dir)]
@@ -178,7 +181,7 @@ def test_a_new_epoch_length_applies_from_the_next_epoch_or_now(epoch_runs, tmp_p
         epoch_runs,
         tmp_path,
         ["--data.train_samples=60", "--train.num_epochs=2", f"--data.resize_now={str(now).lower()}"],
-        2,
+        None,
     )
     if now:
         assert "60 now" in result.stdout
@@ -193,20 +196,18 @@ def test_a_new_epoch_length_applies_from_the_next_epoch_or_now(epoch_runs, tmp_p
 def test_a_new_data_order_is_refused_unless_asked(epoch_runs, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(epoch_runs / "leg1", run_dir)
-    refused = launch(["--run-dir", str(run_dir), "--data.seed=5"], nproc=2)
+    refused = launch(["--run-dir", str(run_dir), "--data.seed=5"])
     assert refused.returncode != 0
     assert "--data.allow_new_order=true" in refused.stderr
     accepted = ok(
-        launch(
-            ["--run-dir", str(run_dir), "--data.seed=5", "--data.allow_new_order=true", "--train.num_epochs=2"], nproc=2
-        )
+        launch(["--run-dir", str(run_dir), "--data.seed=5", "--data.allow_new_order=true", "--train.num_epochs=2"])
     )
     assert "new data order" in accepted.stdout
     assert_exactly_once(run_dir, epoch=1, length=96)  # the new order's whole epoch
 
 
 def test_the_validation_set_survives_resumes_unless_replaced(epoch_runs, tmp_path):
-    run_dir, _ = continue_copy(epoch_runs, tmp_path, ["--train.eval_interval=4"], 2)
+    run_dir, _ = continue_copy(epoch_runs, tmp_path, ["--train.eval_interval=4"], 2)  # sums in one order
     trivial = {r["trivial_mse"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "eval"}
     assert len(trivial) == 1  # the same examples before and after the resume
     new_dir, new = continue_copy(epoch_runs, tmp_path / "n", ["--data.val_seed=9"], 2)
