@@ -83,6 +83,13 @@ from s3server import s3_env  # noqa: E402,F401  (the fixture, for every test mod
 HELPERS = Path(__file__).parent / "helpers"
 
 
+def paced(seconds: float) -> dict:
+    """Environment for launched processes whose training steps take at least ``seconds`` each
+    (helpers/paced/sitecustomize.py): for tests that wait on the clock, not on the steps."""
+    path = [str(HELPERS / "paced"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"PYTHONPATH": os.pathsep.join(path), "DTRAIN_TEST_STEP_SECONDS": str(seconds)}
+
+
 def torchrun_script(script: str, args, nproc: int, timeout: float = 300, env: dict | None = None):
     """Run a helper script of tests/helpers under the real torchrun."""
     command = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", str(HELPERS / script), *args]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch, read_jsonl
+from conftest import launch, paced, read_jsonl
 from loopback_nodes import children, kill_nodes
 from replica_groups import committed_step, group, kill_node, lighthouse, wait_for
 
@@ -38,6 +38,9 @@ ARGS = [
     "--fault_tolerance.group_size=3",
     "--fault_tolerance.timeout=3",
 ]
+# Groups step at most 10 times a second: a survivor waiting for a peer's restart waits asleep, and
+# a run's length in steps is room in seconds, whatever else the machine runs (helpers/paced).
+PACE = paced(0.1)
 
 
 def report(run_dir):
@@ -64,16 +67,16 @@ def test_survivor_keeps_training_and_a_returning_group_heals(tmp_path, nproc=1):
     has already evaluated step 0; later it is SIGKILLed, comes back and heals again. The survivor
     never restarts, and the losses are a plain run's."""
     run_dir = tmp_path / "run"
-    # 3,000 steps: room for two start-ups of replica 1 (one took 350 steps on a loaded machine, before
-    # the loop got faster), and no checkpoint before the end, so both heals come from step 0.
-    longer = ["--data.train_samples=48000", "--checkpoint.interval_steps=4000"]
+    # 500 paced steps, 50 s: room for two start-ups of replica 1 (one took 12 s on a loaded
+    # machine), and no checkpoint before the end, so both heals come from step 0.
+    longer = ["--data.train_samples=8000", "--checkpoint.interval_steps=4000"]
     args = [*ARGS, "--run-dir", str(run_dir), *longer]
     with lighthouse() as url:
-        r0 = group(url, 0, args, tmp_path / "r0.log", nproc)
+        r0 = group(url, 0, args, tmp_path / "r0.log", nproc, env=PACE)
         r1 = None
         try:
             wait_for(lambda: committed_step(run_dir) >= 5)
-            r1 = group(url, 1, args, tmp_path / "r1.log", nproc)
+            r1 = group(url, 1, args, tmp_path / "r1.log", nproc, env=PACE)
             wait_for(lambda: replica_events(run_dir, 1))
             wait_for(lambda: committed_step(run_dir) >= 15)
             workers = children(r0.pid)
@@ -81,7 +84,7 @@ def test_survivor_keeps_training_and_a_returning_group_heals(tmp_path, nproc=1):
             killed_at = committed_step(run_dir)
             wait_for(lambda: committed_step(run_dir) >= killed_at + 3, timeout=60)
             assert children(r0.pid) == workers  # the survivor was never restarted
-            r1 = group(url, 1, args, tmp_path / "r1.log", nproc)
+            r1 = group(url, 1, args, tmp_path / "r1.log", nproc, env=PACE)
             finish([r0, r1])
         finally:
             kill_nodes([r for r in (r0, r1) if r is not None])
@@ -91,8 +94,8 @@ def test_survivor_keeps_training_and_a_returning_group_heals(tmp_path, nproc=1):
     assert len(replica_events(run_dir, 0, "start")) == 1 and not replica_events(run_dir, 0, "heal")
     ends = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "end"]
     assert len(ends) == 2 and ends[0]["weights_digest"] == ends[1]["weights_digest"]
-    assert ends[0]["step"] == 3000
-    assert_exactly_once(run_dir, samples=48000)
+    assert ends[0]["step"] == 500
+    assert_exactly_once(run_dir, samples=8000)
     # The same losses as one process without torchft, up to float order (sums in another order:
     # at most 3.5e-7 of the loss in every run measured). One sample more or fewer in a batch of 16,
     # a wrong scale, or a step on stale weights (a healed group's first forward once used the
@@ -117,11 +120,11 @@ def test_two_groups_of_two_ranks_survive_a_kill_then_sigterm_to_all_saves_once_a
     """2 groups x 2 ranks (FSDP2 inside each): SIGKILL of one group, which comes back and heals;
     then SIGTERM to both; then the job starts again as 1 group of 1 rank from the checkpoint."""
     run_dir = tmp_path / "run"
-    # 2,000 steps: room for replica 1's restart on a loaded machine (300 once ended first).
-    args = [*ARGS, "--run-dir", str(run_dir), "--data.train_samples=32000"]
+    # 500 paced steps, 50 s: room for replica 1's restart on a loaded machine.
+    args = [*ARGS, "--run-dir", str(run_dir), "--data.train_samples=8000"]
     with lighthouse() as url:
-        r0 = group(url, 0, args, tmp_path / "r0.log", 2)
-        r1 = group(url, 1, args, tmp_path / "r1.log", 2)
+        r0 = group(url, 0, args, tmp_path / "r0.log", 2, env=PACE)
+        r1 = group(url, 1, args, tmp_path / "r1.log", 2, env=PACE)
         try:
             wait_for(lambda: replica_events(run_dir, 1))
             wait_for(lambda: committed_step(run_dir) >= 10)
@@ -130,7 +133,7 @@ def test_two_groups_of_two_ranks_survive_a_kill_then_sigterm_to_all_saves_once_a
             at = committed_step(run_dir)
             wait_for(lambda: committed_step(run_dir) >= at + 3, timeout=60)
             assert children(r0.pid) == workers
-            r1, restarted = group(url, 1, args, tmp_path / "r1.log", 2), time.time()
+            r1, restarted = group(url, 1, args, tmp_path / "r1.log", 2, env=PACE), time.time()
             # Its heal after the restart (a group that came up late also healed at its first start).
             healed = lambda: [e for e in replica_events(run_dir, 1, "heal") if e["time"] > restarted]  # noqa: E731
             wait_for(healed, timeout=120)
@@ -154,7 +157,7 @@ def test_two_groups_of_two_ranks_survive_a_kill_then_sigterm_to_all_saves_once_a
     with lighthouse() as url:  # the next start: one group of one rank
         assert group(url, 0, [*args, "--fault_tolerance.group_size=1"], tmp_path / "again.log").wait(240) == 0
     assert f"resuming from step_{last:08d}" in (tmp_path / "again.log").read_text()
-    assert_exactly_once(run_dir, samples=32000)
+    assert_exactly_once(run_dir, samples=8000)
 
 
 def test_three_groups_lose_a_killed_one_and_a_frozen_one_that_heal_sigterm_to_one_and_the_lighthouse(tmp_path):
@@ -173,7 +176,7 @@ def test_three_groups_lose_a_killed_one_and_a_frozen_one_that_heal_sigterm_to_on
     ]
     logs = [tmp_path / f"r{i}.log" for i in range(3)]
     with lighthouse() as url:
-        groups = [group(url, i, args, logs[i]) for i in range(3)]
+        groups = [group(url, i, args, logs[i], env=PACE) for i in range(3)]
         try:
             wait_for(lambda: all(replica_events(run_dir, i) for i in (1, 2)))
             wait_for(lambda: committed_step(run_dir) >= 10)
@@ -184,7 +187,7 @@ def test_three_groups_lose_a_killed_one_and_a_frozen_one_that_heal_sigterm_to_on
             kill_node(groups[2], signal.SIGSTOP)  # frozen: dropped within the timeout
             at = committed_step(run_dir)
             wait_for(lambda: committed_step(run_dir) >= at + 3, timeout=60)
-            groups[1], restarted = group(url, 1, args, logs[1]), time.time()
+            groups[1], restarted = group(url, 1, args, logs[1], env=PACE), time.time()
             wait_for(lambda: [e for e in replica_events(run_dir, 1, "heal") if e["time"] > restarted], timeout=60)
             kill_node(groups[2], signal.SIGCONT)  # it finds itself behind and heals too
             woken = time.time()
@@ -216,10 +219,11 @@ def test_a_writer_killed_mid_save_and_a_source_killed_mid_heal_lose_nothing(tmp_
     counts. Replica 1 dies serving replica 0's heal: replica 0 goes on alone from the newest
     checkpoint, and the steps replica 1 took past it are rolled back."""
     run_dir = tmp_path / "run"
-    args = [*ARGS, "--run-dir", str(run_dir), "--data.train_samples=32000"]
+    # 600 paced steps, 60 s: room for both restarts.
+    args = [*ARGS, "--run-dir", str(run_dir), "--data.train_samples=9600"]
     faults = Path(__file__).parent / "helpers/replica_faults.py"
     (tmp_path / "ready").mkdir()
-    together = {"DTRAIN_TEST_START_TOGETHER": f"2:{tmp_path / 'ready'}"}
+    together = {**PACE, "DTRAIN_TEST_START_TOGETHER": f"2:{tmp_path / 'ready'}"}
     with lighthouse(join_timeout_ms=2000) as url:
         r0 = group(
             url, 0, args, tmp_path / "r0.log", script=faults, env={**together, "DTRAIN_TEST_KILL_IN": "step_00000040"}
@@ -229,10 +233,10 @@ def test_a_writer_killed_mid_save_and_a_source_killed_mid_heal_lose_nothing(tmp_
             assert r0.wait(timeout=120) != 0
             assert not (run_dir / "checkpoints/step_00000040/manifest.json").exists()
             wait_for(lambda: (run_dir / "checkpoints/step_00000080/manifest.json").exists())
-            r0 = group(url, 0, args, tmp_path / "r0.log")
+            r0 = group(url, 0, args, tmp_path / "r0.log", env=PACE)
             assert r1.wait(timeout=120) != 0  # asked for the state, it died
             wait_for(lambda: replica_events(run_dir, 0, "resume"), timeout=60)
-            r1 = group(url, 1, args, tmp_path / "r1.log")
+            r1 = group(url, 1, args, tmp_path / "r1.log", env=PACE)
             finish([r0, r1])
         finally:
             kill_nodes([r0, r1])
@@ -243,7 +247,7 @@ def test_a_writer_killed_mid_save_and_a_source_killed_mid_heal_lose_nothing(tmp_
     assert [e for e in replica_events(run_dir, 1) if e["event"] in ("heal", "resume") and e["time"] > resumed["time"]]
     ends = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "end"]
     assert len(ends) == 2 and ends[0]["weights_digest"] == ends[1]["weights_digest"]
-    assert_exactly_once(run_dir, samples=32000)
+    assert_exactly_once(run_dir, samples=9600)
 
 
 def test_a_group_overtaken_before_its_first_quorum_stops_instead_of_training_the_steps_again(tmp_path):

@@ -14,12 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl
+from conftest import paced, read_jsonl
 from slurm_cluster import Cluster, missing
 
 pytestmark = pytest.mark.skipif(bool(missing()), reason=missing() or "SLURM available")
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 1600  # tiny preset: over 2x what leg 1 trains here before the notice (760 seen); 32 epochs of 800 samples
+# Steps paced to 10 a second (helpers/paced): leg 1 waits for its notice, leg 2 for the test's
+# SIGTERM, asleep rather than training on the cores the other tests need.
+PACE = paced(0.1)
+STEPS = 600  # tiny preset: 2x what leg 1 can train before its notice (230 seen, 300 at most); 12 epochs of 800
 
 
 def cpus(count):
@@ -41,7 +44,7 @@ def wait_for(what, condition, timeout, cluster):
 def test_a_job_out_of_time_shrunk_and_preempted_finishes_with_every_sample_once(tmp_path):
     run_dir = tmp_path / "run"
     with Cluster(tmp_path / "slurm", cpus=2) as cluster:
-        cluster.env.update(RUN_DIR=str(run_dir), OMP_NUM_THREADS="1")
+        cluster.env.update(RUN_DIR=str(run_dir), OMP_NUM_THREADS="1", **PACE)
         submitted = cluster.run(
             "sbatch",
             "--cpus-per-task=2",
@@ -88,9 +91,9 @@ def test_a_job_out_of_time_shrunk_and_preempted_finishes_with_every_sample_once(
         cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=2")
         wait_for("the first requeue", requeued(1), 150, cluster)
         cluster.run("scontrol", "update", f"JobId={job}", *cpus(1), "TimeLimit=10")
-        # Leg 2, 1 rank: preempted once it has trained 100 steps.
+        # Leg 2, 1 rank: preempted once it has trained 50 steps.
         resumed_at = wait_for("the second start", lambda: legs_started() == 2 and trained_steps(), 150, cluster)
-        wait_for("leg 2 to train", lambda: trained_steps() >= resumed_at + 100, 120, cluster)
+        wait_for("leg 2 to train", lambda: trained_steps() >= resumed_at + 50, 120, cluster)
         cluster.run("scancel", "--signal=TERM", job)
         wait_for("the second requeue", requeued(2), 90, cluster)
         cluster.run("scontrol", "update", f"JobId={job}", *cpus(2))
@@ -133,7 +136,7 @@ def test_replica_groups_under_slurm_heal_a_crashed_group_in_place(tmp_path):
     pytest.importorskip("torchft")
     run_dir = tmp_path / "run"
     with Cluster(tmp_path / "slurm", cpus=2) as cluster:
-        cluster.env.update(RUN_DIR=str(run_dir), OMP_NUM_THREADS="1", RUST_LOG="warn")
+        cluster.env.update(RUN_DIR=str(run_dir), OMP_NUM_THREADS="1", RUST_LOG="warn", **PACE)
         submitted = cluster.run(
             "sbatch",
             "--ntasks=2",
@@ -145,9 +148,9 @@ def test_replica_groups_under_slurm_heal_a_crashed_group_in_place(tmp_path):
             str(REPO / "launch/slurm-replicas.sbatch"),
             "--preset",
             "tiny",
-            # 2,000 steps: the survivor trains 30-60 steps a second here, and the crashed group's
-            # restart through srun must find it still running (300 steps once did not).
-            "--data.train_samples=32000",
+            # 400 paced steps, 40 s: the crashed group's restart through srun must find the
+            # survivor still running (300 unpaced steps, about 8 s, once did not).
+            "--data.train_samples=6400",
             "--train.global_batch_size=16",
             "--train.max_steps=0",
             "--train.num_epochs=1",
