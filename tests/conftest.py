@@ -26,17 +26,38 @@ def launch(args, nproc: int | None = None, timeout: float = 300, env: dict | Non
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-# The longest files first (about 100-200 s each on 2 cores, waiting on real schedulers, agents
-# and timeouts), so that the two workers do not end with one of them alone on a long file.
+def dtrain_tool(*args) -> subprocess.CompletedProcess:
+    """``dtrain ARGS`` (inspect, verify, report, export, ...) in this process: the tools need no
+    process group, and starting a process (torch's imports, 2-3 CPU-s) costs more than their work.
+    Returns the exit code, stdout and stderr as a finished process would."""
+    import contextlib
+    import io
+
+    from dtrain.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+# The longest files first (measured, in seconds on 2 cores), so that the workers do not end with
+# one of them alone on a long file; pyproject.toml's --no-loadscope-reorder keeps this order
+# (xdist would otherwise put the files with the most tests first).
 LONGEST_FIRST = [
-    "test_slurm.py",
-    "test_elastic.py",
-    "test_replicas.py",
-    "test_preemption.py",
-    "test_checkpoint_roundtrip.py",
-    "test_checkpoint_io_s3.py",
-    "test_runlog_s3.py",
-    "test_resume.py",
+    "test_replicas.py",  # 255, half of it asleep (paced steps)
+    "test_slurm.py",  # 155, asleep: the jobs run under slurmd
+    "test_elastic.py",  # 145, a third asleep (rendezvous, torch's 30 s wait)
+    "test_checkpoint_faults.py",  # 135
+    "test_resume.py",  # 125
+    "test_reliability.py",  # 85
+    "test_preemption.py",  # 75
+    "test_storage_faults.py",  # 50
+    "test_launch.py",  # 35
+    "test_runlog_s3.py",  # 35
+    "test_checkpoint_roundtrip.py",  # 35
+    "test_checkpoint_io_s3.py",  # 30
+    "test_heartbeat.py",  # 25
 ]
 
 

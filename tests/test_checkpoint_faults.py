@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import launch, read_jsonl, torchrun_script
+from conftest import dtrain_tool, launch, read_jsonl, torchrun_script
 
 from dtrain.checkpoint.catalog import CheckpointCatalog
 from dtrain.checkpoint.manifest import MANIFEST, Manifest
@@ -20,10 +20,6 @@ TINY = [
 ]
 
 
-def dtrain_cli(*args):
-    return subprocess.run([sys.executable, "-m", "dtrain.cli", *args], capture_output=True, text=True)
-
-
 def checkpoint_dirs(run_dir):
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
@@ -35,9 +31,9 @@ def test_sigkill_of_a_rank_mid_save_leaves_a_torn_checkpoint_that_is_never_loade
     assert crashed.returncode != 0
     assert checkpoint_dirs(run_dir) == ["step_00000002", "step_00000004", "step_00000006"]
     assert not (run_dir / "checkpoints/step_00000006" / MANIFEST).exists()
-    listing = dtrain_cli("inspect", str(run_dir)).stdout
+    listing = dtrain_tool("inspect", str(run_dir)).stdout
     assert "step_00000006          torn" in listing
-    assert "step_00000006: torn: no manifest" in dtrain_cli("verify", str(run_dir)).stdout
+    assert "step_00000006: torn: no manifest" in dtrain_tool("verify", str(run_dir)).stdout
 
     resumed = launch([*args], nproc=4)  # restarted on another world size
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -82,10 +78,10 @@ def test_a_damaged_shard_is_named_by_verify_and_resume_falls_back(finished_run, 
     reads it."""
     run_dir = finished_run
     damage(run_dir / "checkpoints/step_00000006/__1_0.distcp", how)
-    verdict = dtrain_cli("verify", str(run_dir), "6")
+    verdict = dtrain_tool("verify", str(run_dir), "6")
     assert verdict.returncode == 1
     assert f"step_00000006: CORRUPT: __1_0.distcp: {reason}" in verdict.stdout
-    assert dtrain_cli("verify", str(run_dir), "4").returncode == 0
+    assert dtrain_tool("verify", str(run_dir), "4").returncode == 0
 
     resumed = launch(["--run-dir", str(run_dir), "--train.max_steps=8"], nproc=nproc)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -97,9 +93,9 @@ def test_a_damaged_shard_is_named_by_verify_and_resume_falls_back(finished_run, 
 
 def test_checkpoints_load_with_plain_pytorch_and_exports_with_weights_only(finished_run, tmp_path):
     export = tmp_path / "model.pt"
-    assert dtrain_cli("export", str(finished_run), "--out", str(export)).returncode == 0
+    assert dtrain_tool("export", str(finished_run), "--out", str(export)).returncode == 0
     assert (
-        dtrain_cli(
+        dtrain_tool(
             "export",
             str(finished_run),
             "--step",
@@ -111,7 +107,7 @@ def test_checkpoints_load_with_plain_pytorch_and_exports_with_weights_only(finis
         ).returncode
         == 0
     )
-    separate = dtrain_cli("export", str(finished_run), "--separate", "--out", str(tmp_path / "sep"))
+    separate = dtrain_tool("export", str(finished_run), "--separate", "--out", str(tmp_path / "sep"))
     assert separate.returncode == 0, separate.stderr
     script = f"""
 import sys, torch

@@ -102,9 +102,9 @@ def test_resume_never_refuses_an_existing_run(runs):
 
 
 def test_a_batch_the_world_size_cannot_make_is_refused_before_anything_is_written(tmp_path):
-    result = launch(["--preset", "tiny", "--run-dir", str(tmp_path / "r"), "--train.global_batch_size=6"], nproc=4)
+    result = launch(["--preset", "tiny", "--run-dir", str(tmp_path / "r"), "--train.global_batch_size=5"], nproc=2)
     assert result.returncode != 0
-    assert "--train.global_batch_size=6 cannot be split over 4 ranks; use a multiple of 4" in result.stderr
+    assert "--train.global_batch_size=5 cannot be split over 2 ranks; use a multiple of 2" in result.stderr
     assert not (tmp_path / "r").exists()
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import launch, read_jsonl
+from conftest import dtrain_tool, launch, read_jsonl
 
 TINY = [
     "--preset",
@@ -28,19 +28,6 @@ TINY = [
     "--checkpoint.keep_last=2",
 ]
 ROOT = Path(__file__).parent.parent
-
-
-def cli(*args):
-    """``dtrain ARGS`` in this process (the tools need no process group): code, stdout, stderr."""
-    import contextlib
-    import io
-
-    from dtrain.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def one_line(result) -> str:
@@ -178,13 +165,13 @@ def test_a_diverging_run_stops_without_committing_non_finite_state(tmp_path):
     line = one_line(result)
     assert "training diverged" in line and "nothing non-finite was saved" in line
     assert "resume from step_" in line and "--train.lr=" in line
-    verdict = cli("verify", str(run_dir))
+    verdict = dtrain_tool("verify", str(run_dir))
     assert verdict.returncode == 0, verdict.stdout
     for manifest in (run_dir / "checkpoints").glob("step_*/manifest.json"):
         assert "NaN" not in manifest.read_text() and "Infinity" not in manifest.read_text()
-    export = cli("export", str(run_dir), "--out", str(tmp_path / "m.pt"))  # finite weights
+    export = dtrain_tool("export", str(run_dir), "--out", str(tmp_path / "m.pt"))  # finite weights
     assert export.returncode == 0, export.stderr
-    assert cli("status", str(run_dir)).returncode == 65
+    assert dtrain_tool("status", str(run_dir)).returncode == 65
     events = [e["event"] for e in read_jsonl(run_dir / "events.jsonl")]
     assert events[-1] == "diverged"
 
@@ -225,12 +212,12 @@ def test_a_crafted_metadata_pickle_is_refused_everywhere_and_runs_nothing(run_co
     marker = tmp_path / "pwned"
     (run_copy / "checkpoints/step_00000008/.metadata").write_bytes(pickle.dumps(Payload(marker)))
     commit_as_is(run_copy / "checkpoints/step_00000008")  # the attacker controls the manifest too
-    inspect = cli("inspect", str(run_copy), "--step", "8")
+    inspect = dtrain_tool("inspect", str(run_copy), "--step", "8")
     assert inspect.returncode != 0 and "not allowed" in one_line(inspect)
     for checker in ("verify", "report"):  # the run checker checks what verify checks
-        found = cli(checker, str(run_copy))
+        found = dtrain_tool(checker, str(run_copy))
         assert found.returncode == 1 and "not allowed" in found.stdout, found.stdout
-    export = cli("export", str(run_copy), "--step", "8", "--out", str(tmp_path / "m.pt"))
+    export = dtrain_tool("export", str(run_copy), "--step", "8", "--out", str(tmp_path / "m.pt"))
     assert export.returncode == 2 and "no sound committed checkpoint" in one_line(export)
     assert "skipping step_00000008" in export.stdout and "not allowed" in export.stdout
     resumed = launch(["--run-dir", str(run_copy), "--train.max_steps=9"])
@@ -296,7 +283,7 @@ def test_a_damaged_manifest_is_rejected_and_the_previous_checkpoint_used(run_cop
         content = json.dumps(values)
     manifest.write_text(content)
     for tool in ("verify", "inspect"):
-        checked = cli(tool, str(run_copy))
+        checked = dtrain_tool(tool, str(run_copy))
         assert checked.returncode == 1 and "step_00000008" in checked.stdout and "damaged" in checked.stdout.lower()
     resumed = launch(["--run-dir", str(run_copy), "--train.max_steps=12"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -311,7 +298,7 @@ def test_a_damaged_manifest_is_rejected_and_the_previous_checkpoint_used(run_cop
         if not (p.parent / "rejected.json").exists()
     ]
     assert sorted(good) == ["step_00000008_1", "step_00000010", "step_00000012"]
-    assert "rejected" in cli("inspect", str(run_copy)).stdout
+    assert "rejected" in dtrain_tool("inspect", str(run_copy)).stdout
 
 
 @pytest.mark.parametrize(
@@ -345,9 +332,9 @@ def test_every_shape_of_damaged_manifest_is_named_by_verify_and_inspect(run_copy
     else:
         words = "damaged"
     manifest.write_text(content)
-    checked = cli("verify", str(run_copy))
+    checked = dtrain_tool("verify", str(run_copy))
     assert checked.returncode == 1 and "step_00000008: " in checked.stdout and words in checked.stdout, checked.stdout
-    assert cli("verify", str(run_copy), "6").returncode == 0
+    assert dtrain_tool("verify", str(run_copy), "6").returncode == 0
 
 
 # ---- 12. the exit code reaches whoever restarts the job ----
@@ -374,7 +361,7 @@ def test_the_local_launch_script_returns_75_on_a_preemption(tmp_path):
     os.kill(script.pid, signal.SIGTERM)  # a node's shutdown notice to the launch script
     output, _ = script.communicate(timeout=120)
     assert script.returncode == 75, output[-3000:]
-    assert cli("status", str(run_dir)).returncode == 75
+    assert dtrain_tool("status", str(run_dir)).returncode == 75
 
 
 # ---- what a hostile user found (second adversarial pass), by class ----
@@ -387,8 +374,8 @@ def test_a_metadata_pickle_reaching_os_through_an_allowed_module_is_refused(run_
     )
     (run_copy / "checkpoints/step_00000008/.metadata").write_bytes(data)
     commit_as_is(run_copy / "checkpoints/step_00000008")
-    assert cli("inspect", str(run_copy), "--step", "8").returncode != 0
-    verdict = cli("verify", str(run_copy), "8")
+    assert dtrain_tool("inspect", str(run_copy), "--step", "8").returncode != 0
+    verdict = dtrain_tool("verify", str(run_copy), "8")
     assert verdict.returncode == 1 and "not allowed" in verdict.stdout
     resumed = launch(["--run-dir", str(run_copy), "--train.max_steps=9"])
     assert resumed.returncode == 0 and "resuming from step_00000006" in resumed.stdout, resumed.stderr[-2000:]
@@ -409,16 +396,16 @@ def test_retention_touches_only_what_dtrain_wrote(run_copy, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (nested / "config.json").read_text() == "{}" and (other / "manifest.json").read_text() == "precious"
     assert (run_copy / "checkpoints/step_00000005").read_text() == "a file"
-    assert "not a checkpoint" in cli("verify", str(run_copy)).stdout
+    assert "not a checkpoint" in dtrain_tool("verify", str(run_copy)).stdout
 
 
 def test_an_export_never_writes_into_the_run(run_copy, tmp_path):
     before = files_of(run_copy)
     for out in (run_copy / "checkpoints/step_00000008/__0_0.distcp", run_copy / "config.json", tmp_path, ""):
-        result = cli("export", str(run_copy), "--out", str(out))
+        result = dtrain_tool("export", str(run_copy), "--out", str(out))
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert files_of(run_copy) == before
-    assert cli("export", str(run_copy), "--out", str(run_copy / "exports/m.pt")).returncode == 0
+    assert dtrain_tool("export", str(run_copy), "--out", str(run_copy / "exports/m.pt")).returncode == 0
 
 
 def test_a_save_killed_while_committing_does_not_block_the_next_start(run_copy):
@@ -441,7 +428,7 @@ def test_hostile_values_and_files_are_one_line(run_copy, tmp_path):
         assert result.returncode == 2, result.stderr[-2000:]
         one_line(result)
     (tmp_path / "garbage.pt").write_text("not a model")
-    evaluated = cli("evaluate", str(tmp_path / "garbage.pt"))
+    evaluated = dtrain_tool("evaluate", str(tmp_path / "garbage.pt"))
     assert evaluated.returncode == 2 and "is not a dtrain export" in evaluated.stderr
 
 
@@ -449,7 +436,7 @@ def test_hostile_values_and_files_are_one_line(run_copy, tmp_path):
 @pytest.mark.parametrize("tool", ["inspect", "verify", "report", "plot", "status", "export", "evaluate"])
 def test_every_tool_exits_2_on_a_run_that_is_not_there(tool, tmp_path):
     extra = {"plot": ["--out", str(tmp_path / "p.png")], "export": ["--out", str(tmp_path / "m.pt")]}
-    result = cli(tool, str(tmp_path / "nothere"), *extra.get(tool, []))
+    result = dtrain_tool(tool, str(tmp_path / "nothere"), *extra.get(tool, []))
     assert result.returncode == 2 and "nothere" in one_line(result)
     assert not (tmp_path / "nothere").exists()
 

@@ -9,7 +9,6 @@ import math
 import os
 import pickle
 import signal
-import subprocess
 import threading
 import time
 from datetime import timedelta
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch, paced, read_jsonl
+from conftest import dtrain_tool, launch, paced, read_jsonl
 from loopback_nodes import children, kill_nodes
 from replica_groups import committed_step, group, kill_node, lighthouse, wait_for
 
@@ -44,7 +43,7 @@ PACE = paced(0.1)
 
 
 def report(run_dir):
-    result = subprocess.run(["dtrain", "report", str(run_dir)], capture_output=True, text=True)
+    result = dtrain_tool("report", str(run_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 

@@ -8,13 +8,13 @@ save on its own number of ranks; every sample of every epoch is seen exactly onc
 """
 
 import json
+import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import paced, read_jsonl
+from conftest import dtrain_tool, paced, read_jsonl
 from slurm_cluster import Cluster, missing
 
 pytestmark = pytest.mark.skipif(bool(missing()), reason=missing() or "SLURM available")
@@ -110,14 +110,7 @@ def test_a_job_out_of_time_shrunk_and_preempted_finishes_with_every_sample_once(
     assert "SIGTERM (preemption)" not in output  # the step's SIGTERM never reached the batch shell
     assert output.count("checkpoint committed (exit 75); requeueing") == 2
     assert output.index("time-limit notice") < output.index("start 1:")  # leg 1 ended on the notice
-    report = json.loads(
-        subprocess.run(
-            [sys.executable, "-m", "dtrain.cli", "report", str(run_dir), "--json"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
+    report = json.loads(dtrain_tool("report", str(run_dir), "--json").stdout)
     legs = report["legs"]
     assert [leg["world_size"] for leg in legs] == [2, 1, 2], legs
     assert [leg["ended"] for leg in legs[:2]] == ["stopped (SIGTERM)"] * 2
@@ -170,7 +163,10 @@ def test_replica_groups_under_slurm_heal_a_crashed_group_in_place(tmp_path):
 
         wait_for("both groups to train", lambda: joined(1) and step() >= 20, 120, cluster)
         killed_at = time.time()
-        subprocess.run(["pkill", "-KILL", "-f", "fault_tolerance.replica_id=1"], check=True)
+        # This job's group 1 only (its run directory is in the command line): other tests' replica
+        # groups may be running beside it.
+        group_1 = re.escape(f"--run-dir {run_dir} --fault_tolerance.enable=true --fault_tolerance.replica_id=1")
+        subprocess.run(["pkill", "-KILL", "-f", group_1], check=True)
         final = wait_for(
             "the job to end",
             lambda: (
@@ -189,7 +185,5 @@ def test_replica_groups_under_slurm_heal_a_crashed_group_in_place(tmp_path):
     # past the 3 s timeout is left out of a quorum, and finds itself behind when it comes back.
     assert 1 in {e["replica_id"] for e in events if e["event"] == "heal" and e["time"] > killed_at}
     assert sorted(e["replica_id"] for e in events if e["event"] == "end") == [0, 1]
-    result = subprocess.run(
-        [sys.executable, "-m", "dtrain.cli", "report", str(run_dir)], capture_output=True, text=True
-    )
+    result = dtrain_tool("report", str(run_dir))
     assert "0 repeated, 0 missing: exactly once" in result.stdout and result.stdout.endswith("OK\n"), result.stdout

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import launch
+from conftest import dtrain_tool, launch
 from faultproxy import FaultProxy
 from s3server import S3_REQUESTS
 
@@ -43,9 +43,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_committed_checkpoints(sma
     assert result.returncode == EXIT_STORAGE
     line = one_line(result)
     assert str(run_dir) in line and "no space left on device" in line
-    verify = subprocess.run(
-        [sys.executable, "-m", "dtrain.cli", "verify", str(run_dir)], capture_output=True, text=True
-    )
+    verify = dtrain_tool("verify", str(run_dir))
     assert verify.returncode == 0 and verify.stdout.count(": ok") >= 2, verify.stdout
 
 
