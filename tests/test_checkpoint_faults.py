@@ -280,14 +280,12 @@ def test_epoch_and_time_intervals(tmp_path):
 def test_resuming_an_older_step_never_writes_over_a_newer_checkpoint(finished_run):
     run_dir = finished_run
     original = (run_dir / "checkpoints/step_00000006" / MANIFEST).read_bytes()
-    result = launch(
-        ["--run-dir", str(run_dir), "--resume", "4", "--train.max_steps=7", "--checkpoint.keep_last=0"], nproc=2
-    )
+    result = launch(["--run-dir", str(run_dir), "--resume", "4", "--train.max_steps=7", "--checkpoint.keep_last=0"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from step_00000004" in result.stdout
     assert (run_dir / "checkpoints/step_00000006" / MANIFEST).read_bytes() == original
     assert checkpoint_dirs(run_dir) == ["step_00000004", "step_00000006", "step_00000006_1", "step_00000007"]
-    again = launch(["--run-dir", str(run_dir), "--resume", "best"], nproc=2)
+    again = launch(["--run-dir", str(run_dir), "--resume", "best"])
     assert again.returncode == 0 and "already finished at step 7" in again.stdout, again.stdout
 
 

@@ -1,5 +1,5 @@
-"""Elastic jobs across nodes: real torchrun agents on loopback (launch/elastic.sh) play two or
-three nodes, which are lost and come back; and a hung rank (docs/elastic.md)."""
+"""Elastic jobs across nodes: real torchrun agents on loopback (launch/elastic.sh) play three
+nodes, which are lost and come back; and a hung rank (docs/elastic.md)."""
 
 import os
 import signal
@@ -26,32 +26,6 @@ def finish(nodes: dict) -> None:
         assert script.returncode == 0, log.read_text()[-4000:]
 
 
-def test_a_node_lost_then_back_shrinks_and_grows_the_job_without_losing_a_sample(tmp_path):
-    run_dir, port = tmp_path / "run", free_port()
-    store = rendezvous_store(port)
-    logs = [tmp_path / f"node_{name}.log" for name in ("a", "b", "b_again")]
-    args = [*JOB, "--train.max_steps=200"]
-    nodes = {logs[0]: node(run_dir, port, args, logs[0]), logs[1]: node(run_dir, port, args, logs[1])}
-    try:
-        wait_for(lambda: len(train_steps(run_dir)) >= 25)
-        kill_node(nodes.pop(logs[1]))
-        wait_for(lambda: any(e["world_size"] == 1 for e in resumes(run_dir)))  # the survivor goes on alone
-        steps_alone = len(train_steps(run_dir))
-        wait_for(lambda: len(train_steps(run_dir)) >= steps_alone + 10)
-        nodes[logs[2]] = node(run_dir, port, args, logs[2])
-        finish(nodes)
-    finally:
-        kill_nodes(nodes.values())
-        store.kill()
-
-    report = check_run(str(run_dir))
-    assert [leg["world_size"] for leg in report["legs"]] == [2, 1, 2], report["legs"]
-    assert report["legs"][0]["ended"] == "killed"
-    assert report["legs"][1]["ended"].startswith("stopped") and report["legs"][1]["lost_steps"] == 0, report
-    # 200 steps of 24 samples: 20 epochs of 240, every sample of each exactly once
-    assert report["finished"] and report["ok"] and len(report["coverage"]) == 20, report
-
-
 def test_workers_whose_agent_died_stop_with_a_checkpoint_instead_of_training_on(tmp_path):
     run_dir = tmp_path / "run"
     agent = start([*JOB, "--run-dir", str(run_dir), "--train.num_epochs=1000"], ["--standalone", "--nproc_per_node=2"])
@@ -73,6 +47,9 @@ def test_workers_whose_agent_died_stop_with_a_checkpoint_instead_of_training_on(
 
 
 def test_three_nodes_lose_two_one_after_the_other_and_grow_back_without_losing_a_sample(tmp_path):
+    """Each loss shrinks the job (3 -> 2 -> 1 nodes) and the survivors' leg ends in a stop that loses
+    no step; the two that come back grow it to 3 again. (A two-node job losing one and getting it
+    back is the same path once: this run checks it twice.)"""
     run_dir, port = tmp_path / "run", free_port()
     store = rendezvous_store(port)
     args = [*JOB, "--train.max_steps=150"]
