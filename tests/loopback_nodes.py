@@ -53,9 +53,11 @@ def node(
     nnodes: str = "1:2",
     job_id: str = "elastic-test",
     rdzv_conf: str = RDZV_CONF,
+    env: dict | None = None,
 ) -> subprocess.Popen:
     """One node, one worker. Output goes to a file: a pipe nobody reads while the job runs would
     fill and block it."""
+    extra = env or {}
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -67,6 +69,7 @@ def node(
         "RUN_DIR": str(run_dir),
         "RDZV_CONF": rdzv_conf,
         "PATH": f"{BIN}:{os.environ['PATH']}",
+        **extra,
     }
     return subprocess.Popen(
         ["bash", str(ROOT / "launch/elastic.sh"), *args],
