@@ -117,18 +117,18 @@ def timed(fn, dcp: bool = False):
     """Seconds of ``fn``; DCP's steps with the collector paused, as dtrain runs them."""
     gc.collect()
     start = time.perf_counter()
-    with gc_paused() if dcp and not GC_AS_BEFORE else contextlib.nullcontext():
+    with gc_paused() if dcp and not AS_BEFORE else contextlib.nullcontext():
         result = fn()
     return result, time.perf_counter() - start
 
 
-GC_AS_BEFORE = False
+AS_BEFORE = False
 
 
 def simulate(preset: str, world: int) -> dict:
     params = shapes(preset)
     plans = [local_plan(rank, world, params) for rank in range(world)]
-    planner_class = DefaultSavePlanner if GC_AS_BEFORE else SavePlanner  # dtrain's: a linear overlap check
+    planner_class = DefaultSavePlanner if AS_BEFORE else SavePlanner  # dtrain's: a linear overlap check
     planner = planner_class(flatten_state_dict=False, enable_plan_caching=False)
     writer = FileSystemWriter(tempfile.mkdtemp(prefix="dtrain-sim-"), sync_files=False)
     writer.set_up_storage_writer(True, 0)
@@ -140,7 +140,7 @@ def simulate(preset: str, world: int) -> dict:
     _, finish_s = timed(lambda: writer.finish(metadata, [results for results, _ in outcomes]), dcp=True)
     metadata_bytes = (Path(writer.path) / ".metadata").read_bytes()
     loaded, metadata_read_s = timed(
-        lambda: load_metadata(io.BytesIO(metadata_bytes)) if not GC_AS_BEFORE else _unpaused_load(metadata_bytes)
+        lambda: load_metadata(io.BytesIO(metadata_bytes)) if not AS_BEFORE else _unpaused_load(metadata_bytes)
     )
 
     files = {name: entry for share in shares for name, entry in share.items()}
@@ -238,8 +238,8 @@ def main() -> None:
         "--as-before", action="store_true", help="DCP's own planner and the collector on throughout, as before #25"
     )
     args = parser.parse_args()
-    global GC_AS_BEFORE
-    GC_AS_BEFORE = args.as_before
+    global AS_BEFORE
+    AS_BEFORE = args.as_before
     for preset in args.presets:
         print(
             f"\n{preset}: one save's bookkeeping on rank 0 (seconds, MB); growth per rank = "

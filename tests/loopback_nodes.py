@@ -57,7 +57,6 @@ def node(
 ) -> subprocess.Popen:
     """One node, one worker. Output goes to a file: a pipe nobody reads while the job runs would
     fill and block it."""
-    extra = env or {}
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -69,7 +68,7 @@ def node(
         "RUN_DIR": str(run_dir),
         "RDZV_CONF": rdzv_conf,
         "PATH": f"{BIN}:{os.environ['PATH']}",
-        **extra,
+        **(env or {}),
     }
     return subprocess.Popen(
         ["bash", str(ROOT / "launch/elastic.sh"), *args],

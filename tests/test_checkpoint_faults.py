@@ -279,7 +279,6 @@ def test_epoch_and_time_intervals(tmp_path):
 
 def test_resuming_an_older_step_never_writes_over_a_newer_checkpoint(finished_run):
     run_dir = finished_run
-    original = (run_dir / "checkpoints/step_00000006" / MANIFEST).read_bytes()
     step_6 = {p.name: p.read_bytes() for p in (run_dir / "checkpoints/step_00000006").iterdir()}
     # On 2 ranks: rank 0 names the new directory and every rank writes its shard into it.
     result = launch(
@@ -287,7 +286,6 @@ def test_resuming_an_older_step_never_writes_over_a_newer_checkpoint(finished_ru
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from step_00000004" in result.stdout
-    assert (run_dir / "checkpoints/step_00000006" / MANIFEST).read_bytes() == original
     assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints/step_00000006").iterdir()} == step_6
     assert checkpoint_dirs(run_dir) == ["step_00000004", "step_00000006", "step_00000006_1", "step_00000007"]
     again = launch(["--run-dir", str(run_dir), "--resume", "best"])  # one process: it only reads

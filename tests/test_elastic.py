@@ -56,8 +56,8 @@ def test_three_nodes_lose_two_one_after_the_other_and_grow_back_without_losing_a
     args = [*JOB, "--train.max_steps=150"]
     log = {name: tmp_path / f"node_{name}.log" for name in ("a", "b", "c", "b_again", "c_again")}
     pace = paced(0.1)
-    start = lambda name: node(run_dir, port, args, log[name], nnodes="1:3", env=pace)  # noqa: E731
-    nodes = {name: start(name) for name in ("a", "b", "c")}
+    start_node = lambda name: node(run_dir, port, args, log[name], nnodes="1:3", env=pace)  # noqa: E731
+    nodes = {name: start_node(name) for name in ("a", "b", "c")}
     try:
         for lost, world_size in (("c", 2), ("b", 1)):
             steps = len(train_steps(run_dir))
@@ -67,7 +67,7 @@ def test_three_nodes_lose_two_one_after_the_other_and_grow_back_without_losing_a
         for back in ("b_again", "c_again"):
             steps, legs = len(train_steps(run_dir)), len(resumes(run_dir))
             wait_for(lambda: len(train_steps(run_dir)) >= steps + 5)
-            nodes[back] = start(back)
+            nodes[back] = start_node(back)
             wait_for(lambda: len(resumes(run_dir)) > legs)  # the job grew: checked below, leg by leg
         finish({log[name]: script for name, script in nodes.items()})
     finally:
